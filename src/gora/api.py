@@ -1,0 +1,201 @@
+"""``estimate_gora`` and ``get_gora_model``: orchestration only; the maths lives elsewhere."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable
+
+import torch
+from peft import LoraConfig, PeftModel
+from torch import Tensor, nn
+
+from . import distributed
+from .accumulate import LayerSums, SketchOperators
+from .allocation import allocate_ranks
+from .config import GoraConfig
+from .errors import GoraDataError
+from .estimation import EstimationRun, LossFn, accumulation_device, model_device, run_estimation
+from .gamma_search import search_gamma
+from .importance import IMPORTANCE_FNS, frobenius_from_sketch
+from .initialization import draw_a, draw_omega, solve_c
+from .peft_bridge import apply_gora
+from .state import GoraState
+from .targets import TargetLayer, resolve_targets, unwrap_model
+from .versions import package_versions
+
+logger = logging.getLogger(__name__)
+
+
+def estimate_gora(
+    model: nn.Module,
+    lora_config: LoraConfig,
+    batches: Iterable,
+    gora_config: GoraConfig | None = None,
+    loss_fn: LossFn | None = None,
+    *,
+    eval_batches: Iterable | None = None,
+) -> GoraState:
+    """Estimate GoRA's ranks and initialisation from the first ``gora_config.num_steps`` batches.
+
+    Args:
+        model: a transformers (or any torch) model; its weights are never written.
+        lora_config: LoRA's settings: reference rank ``r``, ``lora_alpha``, ``target_modules``.
+        batches: any iterable of batches (dicts for ``model(**batch)``); under torch.distributed each
+            process passes its own shard and ``num_steps`` counts steps per process.
+        gora_config: GoRA's settings; ``None`` means ``GoraConfig()``.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default ``model(**batch).loss``.
+        eval_batches: held-out batches for adaptive γ; default the ``gamma_batches`` after the estimation batches.
+
+    Returns:
+        A ``GoraState`` (ranks, importances, A and C per layer). Afterwards the model is exactly as
+        before: weights bit-identical, ``requires_grad`` flags, train/eval modes and ``.grad`` restored.
+    """
+    config = GoraConfig() if gora_config is None else gora_config
+    if not isinstance(config, GoraConfig):
+        raise TypeError(f"gora_config must be a GoraConfig, got {type(config).__name__}.")
+    if not isinstance(lora_config, LoraConfig):
+        raise TypeError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}.")
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+        raise GoraDataError(f"batches must be an iterable of batches (a DataLoader, list, generator), "
+                            f"got {type(batches).__name__}.")
+    _check_length(batches, config)
+    min_rank, max_rank = config.rank_bounds(lora_config.r)
+    base = unwrap_model(model)
+    targets, skipped = resolve_targets(base, lora_config)
+    device = model_device(base)
+    if any(t.weight.dtype == torch.float16 for t in targets):
+        logger.warning("fp16 model: estimation scales the loss by %g (halved on overflow) and sums in fp32.",
+                       config.fp16_loss_scale)
+    acc_device = accumulation_device(targets, device, config)
+    a_max = {t.name: draw_a(config.seed, t.name, min(max_rank, t.in_features, t.out_features), t.in_features)
+             for t in targets}
+    sketch = _sketch_operators(targets, a_max, config, acc_device) if config.estimator == "sketch" else None
+    iterator = iter(batches)
+    run = run_estimation(model, targets, iterator, config, loss_fn, sketch, acc_device)
+    _reduce_over_processes(targets, run, a_max, config, acc_device)
+
+    importance, projected = _score_and_project(targets, run.sums, a_max, config)
+    for target in targets:
+        if target.name not in importance:
+            skipped[target.name] = "no gradient"
+    shapes = {t.name: t.shape for t in targets}
+    allocation = allocate_ranks(importance, {n: shapes[n] for n in importance}, lora_config.r, min_rank, max_rank,
+                                config.features)
+    ranks = distributed.broadcast_object(allocation.ranks)
+    a, c = _initial_factors(ranks, a_max, projected)
+    state = GoraState(
+        ranks={**{n: 0 for n in skipped if n in shapes}, **ranks}, importance=importance, shapes=shapes,
+        A=a, C=c, skipped=skipped, reference_rank=lora_config.r, lora_alpha=float(lora_config.lora_alpha),
+        gamma=config.gamma, seed=config.seed, config=config.to_dict(), num_steps=run.steps,
+        num_samples=run.samples, budget=allocation.budget, actual_params=allocation.actual_params,
+        estimation_seconds=run.seconds, peak_memory_bytes=run.peak_memory_bytes,
+        versions=package_versions(), model_class=type(base).__name__, notes=run.notes,
+    )
+    if config.adaptive_gamma:
+        held_out = list(eval_batches) if eval_batches is not None else list(itertools.islice(iterator,
+                                                                                              config.gamma_batches))
+        if not held_out:
+            raise GoraDataError(
+                f"adaptive_gamma needs held-out batches after the {run.steps} estimation batches; pass "
+                f"eval_batches=..., or {config.gamma_batches} more batches (gamma_batches)."
+            )
+        state.gamma, state.notes["adaptive_gamma"] = search_gamma(
+            model, targets, a, c, shapes, config.resolved_gamma_grid(), held_out, loss_fn)
+    logger.info("GoRA: %d layers, ranks %s, %d steps in %.1fs", len(ranks), _spread(ranks), run.steps, run.seconds)
+    return state
+
+
+def get_gora_model(
+    model: nn.Module,
+    lora_config: LoraConfig,
+    batches: Iterable,
+    gora_config: GoraConfig | None = None,
+    loss_fn: LossFn | None = None,
+) -> PeftModel:
+    """``estimate_gora`` then ``apply_gora``: a plain ``peft.PeftModel`` ready for any training loop."""
+    state = estimate_gora(model, lora_config, batches, gora_config=gora_config, loss_fn=loss_fn)
+    return apply_gora(model, lora_config, state)
+
+
+# -- steps of estimate_gora ------------------------------------------------------------------------
+def _check_length(batches: Iterable, config: GoraConfig) -> None:
+    """Refuse a sized iterable that is too short before any work is done."""
+    try:
+        length = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return
+    needed = config.num_steps if not config.adaptive_steps else config.min_steps
+    if length == 0:
+        raise GoraDataError("the batches are empty: estimate_gora needs at least one batch (num_steps of them).")
+    if length < needed:
+        raise GoraDataError(f"the batches hold {length} items but num_steps={config.num_steps}; pass at least "
+                            f"{config.num_steps} batches, or set GoraConfig(num_steps={length}).")
+
+
+def _sketch_operators(targets: list[TargetLayer], a_max: dict[str, Tensor], config: GoraConfig,
+                      device: torch.device) -> dict[str, SketchOperators]:
+    return {t.name: SketchOperators(a_max[t.name].t().contiguous().to(device),
+                                    draw_omega(config.seed, t.name, t.in_features, config.sketch_dim).to(device))
+            for t in targets}
+
+
+def _reduce_over_processes(targets: list[TargetLayer], run: EstimationRun, a_max: dict[str, Tensor],
+                           config: GoraConfig, device: torch.device) -> None:
+    """One SUM all-reduce per accumulator after the loop (no-op in one process)."""
+    if not distributed.is_distributed():
+        return
+    counts = distributed.all_reduce_counts([run.sums[t.name].count for t in targets])
+    for target, count in zip(targets, counts):
+        sums = run.sums[target.name]
+        if config.estimator == "full":
+            widths = {"grad": target.in_features}
+        else:
+            widths = {"proj": a_max[target.name].shape[0], "frob": config.sketch_dim}
+        for field, width in widths.items():  # a process that saw no gradient still joins with zeros
+            if getattr(sums, field) is None:
+                setattr(sums, field, torch.zeros(target.out_features, width, dtype=torch.float32, device=device))
+            distributed.all_reduce_sum_(getattr(sums, field))
+        sums.count = count
+    run.steps, run.samples = distributed.all_reduce_counts([run.steps, run.samples])
+
+
+def _score_and_project(targets: list[TargetLayer], sums: dict[str, LayerSums], a_max: dict[str, Tensor],
+                       config: GoraConfig) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """Per layer with a gradient: importance and P = Ḡ A_maxᵀ (out × r_max); frees Ḡ layer by layer."""
+    importance, projected = {}, {}
+    for target in targets:
+        layer = sums[target.name]
+        if layer.count == 0:
+            continue
+        if layer.grad is not None:
+            g_bar = layer.grad.div_(layer.count)
+            weight = target.weight_out_in().detach().to(g_bar.device)
+            importance[target.name] = IMPORTANCE_FNS[config.importance](weight, g_bar)
+            projected[target.name] = (g_bar @ a_max[target.name].to(g_bar.device).t()).cpu()
+            layer.grad = None  # free Ḡ now: peak stays at the accumulators
+        else:
+            importance[target.name] = frobenius_from_sketch(layer.frob / layer.count)
+            projected[target.name] = (layer.proj / layer.count).cpu()
+    return importance, projected
+
+
+def _initial_factors(ranks: dict[str, int], a_max: dict[str, Tensor], projected: dict[str, Tensor]
+                     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A_i = first r_i rows of A_max; C_i = (Ḡ A_iᵀ)(A_i A_iᵀ)⁻¹; C broadcast from rank 0 (bit-identical)."""
+    a, c = {}, {}
+    for name in sorted(ranks):
+        rank = ranks[name]
+        if rank == 0:
+            continue
+        a[name] = a_max[name][:rank].contiguous()
+        c[name] = distributed.broadcast_tensor_(solve_c(projected[name][:, :rank], a[name] @ a[name].t()))
+    return a, c
+
+
+def _spread(ranks: dict[str, int]) -> str:
+    values = [r for r in ranks.values() if r > 0]
+    return f"{min(values)}..{max(values)}" if values else "none"
+
+
+__all__ = ["estimate_gora", "get_gora_model"]

@@ -1,0 +1,212 @@
+"""Builders of the fine-tuning methods at a matched trainable-parameter budget (registry: ``gora.bench.methods``).
+
+Every builder takes a freshly loaded classifier, a :class:`MethodConfig` and a few training batches (for the
+data-driven initialisations: GoRA, LoRA-GA, EVA) and returns a :class:`BuiltMethod`: the model to train, its
+optimizer (AdamW for all; LoRA+ builds its own parameter groups) and an optional per-step callback (AdaLoRA's
+budget allocator). All adapter methods use the same targets, reference rank ``r``, ``lora_alpha``, dropout and
+the same trainable classifier head (``modules_to_save``); the schedule and epochs live in the training loop.
+
+Budget matching: LoRA, rsLoRA, LoRA+, PiSSA, OLoRA and LoRA-GA have exactly LoRA's parameters; DoRA adds one
+magnitude vector per layer; EVA and GoRA redistribute LoRA's budget across layers; AdaLoRA starts at ``init_r = r``
+(LoRA's count plus the singular values) and prunes towards ``target_r = r // 2`` on average.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class MethodConfig:
+    """Settings shared by all methods; each builder reads what it needs."""
+
+    r: int = 8
+    """Reference LoRA rank (AdaLoRA's ``init_r``; GoRA's budget rank)."""
+    lora_alpha: float = 16
+    """LoRA scaling numerator (alpha / r, or alpha / sqrt(r) for rsLoRA and GoRA)."""
+    target_modules: tuple[str, ...] = ("query", "key", "value", "dense")
+    """PEFT target modules (dotted suffixes); MiniLM's attention and feed-forward linears."""
+    modules_to_save: tuple[str, ...] = ("classifier",)
+    """Trained in full by every adapter method: the classification head."""
+    lora_dropout: float = 0.0
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    total_steps: int = 100
+    """Optimizer steps of the run; AdaLoRA's ``total_step``."""
+    loraplus_ratio: float = 16.0
+    """LoRA+ learning-rate ratio lr_B / lr_A (``loraplus`` and ``gora_loraplus``)."""
+    init_steps: int = 32
+    """Batches used by data-driven initialisations (GoRA's N, LoRA-GA's gradient, EVA's SVD)."""
+    gora_gamma: float = 5e-2
+    gora_min_rank: int | None = None
+    gora_max_rank: int | None = None
+    gora_importance: str = "mean_abs"
+    seed: int = 0
+    """Seed of GoRA's per-layer A draws."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}.")
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}.")
+        if self.init_steps < 1:
+            raise ValueError(f"init_steps must be >= 1, got {self.init_steps}.")
+
+
+@dataclass
+class BuiltMethod:
+    """What the training loop needs from a method."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step_callback: Callable[[int], None] | None = None
+    """Called with the global step after ``optimizer.step()`` and before ``zero_grad()``."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Record fields: ``trainable_params``, and where they apply ``init_seconds``, ``ranks``, GoRA's settings."""
+
+
+Builder = Callable[[nn.Module, MethodConfig, Sequence[Batch]], BuiltMethod]
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Parameters that receive gradients (head included)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def adamw(model: nn.Module, cfg: MethodConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def loraplus_adamw(model: nn.Module, cfg: MethodConfig) -> torch.optim.Optimizer:
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(
+        model=model, optimizer_cls=torch.optim.AdamW, lr=cfg.lr,
+        loraplus_lr_ratio=cfg.loraplus_ratio, weight_decay=cfg.weight_decay,
+    )
+
+
+def lora_config(cfg: MethodConfig, **overrides: Any):
+    """The shared ``LoraConfig`` (sequence classification, head in ``modules_to_save``)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules), modules_to_save=list(cfg.modules_to_save),
+        task_type="SEQ_CLS", **overrides,
+    )
+
+
+def adapter_ranks(model: nn.Module) -> dict[str, int]:
+    """Rank of every LoRA layer, keyed by module name relative to the base model."""
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    return {
+        name.removeprefix(prefix): int(next(iter(module.r.values())))
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and module.r
+    }
+
+
+def finish(model: nn.Module, optimizer: torch.optim.Optimizer, **info: Any) -> BuiltMethod:
+    callback = info.pop("step_callback", None)
+    return BuiltMethod(model, optimizer, callback, {"trainable_params": count_trainable(model), **info})
+
+
+# ---------------------------------------------------------------- builders
+
+
+def build_full(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> BuiltMethod:
+    """Full fine-tuning: every parameter trains."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return finish(model, adamw(model, cfg), r=None, lora_alpha=None)
+
+
+def plain_lora_builder(loraplus: bool = False, **overrides: Any) -> Builder:
+    """A builder for a LoRA variant that needs only ``LoraConfig`` options (rsLoRA, DoRA, PiSSA, OLoRA)."""
+
+    def build(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> BuiltMethod:
+        from peft import get_peft_model
+
+        start = time.perf_counter()
+        peft_model = get_peft_model(model, lora_config(cfg, **overrides))
+        init_seconds = time.perf_counter() - start
+        optimizer = loraplus_adamw(peft_model, cfg) if loraplus else adamw(peft_model, cfg)
+        return finish(peft_model, optimizer, init_seconds=init_seconds)
+
+    return build
+
+
+def build_loraga(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> BuiltMethod:
+    """LoRA-GA (peft): gradient SVD at W0 over ``init_steps`` batches, then ``get_peft_model``."""
+    from peft import LoraGAConfig, get_peft_model
+    from peft.tuners.lora import preprocess_loraga
+
+    config = lora_config(cfg, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+    used = list(batches[: cfg.init_steps])
+
+    def train_step() -> None:  # gradients accumulate across the batches; peft averages them
+        for batch in used:
+            (model(**batch).loss / len(used)).backward()
+
+    start = time.perf_counter()
+    preprocess_loraga(model, config, train_step)
+    peft_model = get_peft_model(model, config)
+    return finish(peft_model, adamw(peft_model, cfg), init_seconds=time.perf_counter() - start,
+                  init_batches=len(used))
+
+
+def eva_layer_inputs(layer_input: Any, token_index: torch.Tensor, layer_name: str) -> torch.Tensor:
+    """EVA's SVD input for one layer: non-padding tokens of (B, T, H) inputs; (B, H) inputs (pooler) as they are.
+
+    peft's default indexes every input with the (B, T) token mask, which breaks on the pooler's (B, H) input.
+    """
+    x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+    if x.ndim == 3:
+        return x[token_index.T.unbind()]  # token_index: (n, 2) positions of real tokens
+    return x.reshape(-1, x.shape[-1]).contiguous()  # the pooler sees a strided slice; peft hashes a view
+
+
+def build_eva(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> BuiltMethod:
+    """EVA (peft): SVD of layer inputs, rank redistribution at LoRA's total rank (rho 2)."""
+    from peft import EvaConfig, get_peft_model, initialize_lora_eva_weights
+
+    # Labels are per sequence here, not per token, so the language-modelling label mask must be off.
+    config = lora_config(cfg, init_lora_weights="eva", eva_config=EvaConfig(rho=2.0, use_label_mask=False))
+    used = list(batches[: cfg.init_steps])
+    start = time.perf_counter()
+    peft_model = get_peft_model(model, config)
+    initialize_lora_eva_weights(
+        peft_model, dataloader=used, prepare_layer_inputs_fn=eva_layer_inputs, show_progress_bar=False
+    )
+    return finish(peft_model, adamw(peft_model, cfg), init_seconds=time.perf_counter() - start,
+                  ranks=adapter_ranks(peft_model))
+
+
+def build_adalora(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> BuiltMethod:
+    """AdaLoRA (peft): ``init_r = r`` pruned towards ``target_r = r // 2``; allocation every step."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    total = cfg.total_steps
+    config = AdaLoraConfig(
+        init_r=cfg.r, target_r=max(1, cfg.r // 2), lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules), modules_to_save=list(cfg.modules_to_save), task_type="SEQ_CLS",
+        total_step=total, tinit=total // 10, tfinal=total // 5, deltaT=max(1, total // 100),
+    )
+    peft_model = get_peft_model(model, config)
+
+    def update(global_step: int) -> None:
+        peft_model.base_model.update_and_allocate(global_step)
+
+    return finish(peft_model, adamw(peft_model, cfg), step_callback=update, target_r=config.target_r)

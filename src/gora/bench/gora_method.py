@@ -1,0 +1,66 @@
+"""GoRA as a benchmark method, built through the public core API (``estimate_gora`` + ``apply_gora``).
+
+GoRA estimates gradients at W0 on ``init_steps`` training batches, allocates per-layer ranks within LoRA's
+parameter budget and initialises the adapters; training is plain rsLoRA afterwards (no callback).
+``gora_loraplus`` is the paper's LLM recipe: the same model with a LoRA+ optimizer (ratio 16).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from torch import nn
+
+from gora.bench.builders import Batch, BuiltMethod, MethodConfig, adamw, finish, lora_config, loraplus_adamw
+
+
+def _import_core():
+    try:
+        from gora import GoraConfig, apply_gora, estimate_gora
+    except ImportError as err:
+        raise ImportError(
+            "The GoRA core API (gora.GoraConfig, gora.estimate_gora, gora.apply_gora) is not importable; "
+            "the gora and gora_loraplus methods need it. Run the other methods or install the full package."
+        ) from err
+    return GoraConfig, estimate_gora, apply_gora
+
+
+def gora_peft_model(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> tuple[nn.Module, dict]:
+    """(peft_model, record fields): ranks, gamma, N, rank range, estimation and total init time."""
+    GoraConfig, estimate_gora, apply_gora = _import_core()
+    gora_config = GoraConfig(
+        num_steps=cfg.init_steps, min_rank=cfg.gora_min_rank, max_rank=cfg.gora_max_rank,
+        gamma=cfg.gora_gamma, importance=cfg.gora_importance, seed=cfg.seed,
+    )
+    used = list(batches[: cfg.init_steps])
+    config = lora_config(cfg)
+    start = time.perf_counter()
+    state = estimate_gora(model, config, used, gora_config=gora_config)
+    peft_model = apply_gora(model, config, state)
+    init_seconds = time.perf_counter() - start
+    min_rank = cfg.gora_min_rank if cfg.gora_min_rank is not None else max(1, cfg.r // 2)
+    max_rank = cfg.gora_max_rank if cfg.gora_max_rank is not None else 4 * cfg.r
+    info = {
+        "init_seconds": init_seconds,
+        "estimation_seconds": getattr(state, "estimation_seconds", None),
+        "ranks": {name: int(rank) for name, rank in state.ranks.items()},
+        "gamma": cfg.gora_gamma,
+        "num_steps": len(used),
+        "min_rank": min_rank,
+        "max_rank": max_rank,
+        "importance": cfg.gora_importance,
+        "budget": getattr(state, "budget", None),
+        "actual_params": getattr(state, "actual_params", None),
+    }
+    return peft_model, info
+
+
+def build_gora(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> BuiltMethod:
+    peft_model, info = gora_peft_model(model, cfg, batches)
+    return finish(peft_model, adamw(peft_model, cfg), **info)
+
+
+def build_gora_loraplus(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> BuiltMethod:
+    peft_model, info = gora_peft_model(model, cfg, batches)
+    return finish(peft_model, loraplus_adamw(peft_model, cfg), loraplus_ratio=cfg.loraplus_ratio, **info)

@@ -1,0 +1,52 @@
+"""The method registry: ``METHODS[id]`` builds a method (see :mod:`gora.bench.builders` for the budget rules)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from gora.bench.builders import (
+    Batch,
+    Builder,
+    BuiltMethod,
+    MethodConfig,
+    build_adalora,
+    build_eva,
+    build_full,
+    build_loraga,
+    plain_lora_builder,
+)
+from gora.bench.gora_method import build_gora, build_gora_loraplus
+
+METHODS: dict[str, Builder] = {
+    "full": build_full,
+    "lora": plain_lora_builder(),
+    "rslora": plain_lora_builder(use_rslora=True),
+    "dora": plain_lora_builder(use_dora=True),
+    "loraplus": plain_lora_builder(loraplus=True),
+    "pissa": plain_lora_builder(init_lora_weights="pissa"),
+    "olora": plain_lora_builder(init_lora_weights="olora"),
+    "loraga": build_loraga,
+    "eva": build_eva,
+    "adalora": build_adalora,
+    "gora": build_gora,
+    "gora_loraplus": build_gora_loraplus,
+}
+ADAPTER_METHODS = tuple(m for m in METHODS if m != "full")
+NEEDS_INIT_BATCHES = ("loraga", "eva", "gora", "gora_loraplus")
+"""Methods whose initialisation reads training batches."""
+
+
+def build_method(method: str, model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch] = ()) -> BuiltMethod:
+    """Build ``method`` on a freshly loaded ``model``.
+
+    Args:
+        batches: training batches (dicts for ``model(**batch)``, labels included); the first ``cfg.init_steps``
+            feed GoRA, LoRA-GA and EVA.
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose from {sorted(METHODS)}.")
+    if method in NEEDS_INIT_BATCHES and not batches:
+        raise ValueError(f"Method {method!r} initialises from data: pass training batches.")
+    return METHODS[method](model, cfg, batches)

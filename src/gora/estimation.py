@@ -1,0 +1,220 @@
+"""The estimation loop: N forward/backward passes at frozen W₀, no optimizer step."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import distributed
+from .accumulate import GradientAccumulator, LayerSums, SketchOperators
+from .config import GoraConfig
+from .errors import GoraDataError, GoraNumericalError
+from .importance import IMPORTANCE_FNS, frobenius_from_sketch
+from .targets import TargetLayer
+
+logger = logging.getLogger(__name__)
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+@dataclass
+class EstimationRun:
+    sums: dict[str, LayerSums]
+    steps: int
+    samples: int
+    seconds: float
+    peak_memory_bytes: int
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors inside dicts, lists and tuples moved to ``device`` (other values kept)."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_size(batch: Any) -> int:
+    """Leading dimension of the batch's first tensor (``input_ids`` first if present); 1 if none."""
+    if isinstance(batch, Mapping):
+        values = ([batch["input_ids"]] if "input_ids" in batch else []) + list(batch.values())
+    elif isinstance(batch, (list, tuple)):
+        values = list(batch)
+    else:
+        values = [batch]
+    for value in values:
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 1
+
+
+def forward_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
+    """``loss_fn(model, batch)``, or ``model(**batch).loss``; a clear error when there is no scalar loss."""
+    if loss_fn is not None:
+        loss = loss_fn(model, batch)
+    else:
+        if not isinstance(batch, Mapping):
+            raise GoraDataError(
+                f"a batch is a {type(batch).__name__}; the default loss is model(**batch).loss, which needs dict "
+                "batches. Pass dicts (input_ids, attention_mask, labels, ...) or loss_fn=lambda model, batch: ..."
+            )
+        output = model(**batch)
+        loss = getattr(output, "loss", None) if not isinstance(output, Mapping) else output.get("loss")
+        if loss is None:
+            raise GoraDataError(
+                "model(**batch) returned no loss: include labels in the batches (batch['labels']) "
+                "or pass loss_fn(model, batch) that returns a scalar loss."
+            )
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise GoraDataError(f"the loss must be a scalar tensor, got {type(loss).__name__} "
+                            f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}.")
+    return loss
+
+
+def compute_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
+    loss = forward_loss(model, batch, loss_fn)
+    if not loss.requires_grad:
+        raise GoraDataError("the loss does not depend on any target weight (no grad_fn); "
+                            "check target_modules and that loss_fn runs the model.")
+    return loss
+
+
+def compute_loss_no_grad(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> float:
+    """The loss as a float, for evaluation (no graph is kept)."""
+    return float(forward_loss(model, batch, loss_fn).detach().float())
+
+
+def accumulation_device(targets: list[TargetLayer], device: torch.device, config: GoraConfig) -> torch.device:
+    """The model's device if fp32 sums (4 B per target parameter, or the sketch) fit there; else CPU."""
+    if config.offload is True or device.type == "cpu":
+        return torch.device("cpu")
+    if config.offload is False or config.estimator == "sketch":
+        return device
+    needed = 4 * sum(t.in_features * t.out_features for t in targets)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return device if needed < 0.5 * free else torch.device("cpu")  # leave room for activations
+    return device
+
+
+def _one_step(model, accumulator: GradientAccumulator, batch, loss_fn, step: int, scale: float, fp16: bool) -> float:
+    """Forward and backward of one batch; fp16: halve the loss scale and redo the missing layers on overflow."""
+    redo = False
+    while True:
+        accumulator.begin_step(scale, redo=redo)
+        loss = compute_loss(model, batch, loss_fn)
+        value = float(loss.detach().float())
+        if value != value or value in (float("inf"), float("-inf")):
+            raise GoraNumericalError(
+                f"the loss at estimation step {step} is {value}; check that batch (labels, masks) and the "
+                "model's dtype (fp16 overflows easily: try bf16 or fp32)."
+            )
+        (loss.float() * scale if scale != 1.0 else loss).backward()
+        bad = accumulator.end_step()
+        if not bad:
+            return scale
+        if not fp16:
+            raise GoraNumericalError(
+                f"the gradient of {bad[:3]} at estimation step {step} contains NaN or Inf; "
+                "check the batch and the model's dtype, or run estimation in fp32."
+            )
+        if scale / 2 < 1.0:
+            raise GoraNumericalError(
+                f"fp16 gradients of {bad[:3]} overflow at step {step} even without loss scaling; "
+                "estimate on a bf16 or fp32 copy of the model, save the GoraState, and apply it to the fp16 model."
+            )
+        logger.info("fp16 overflow in %s at step %d: loss scale %g -> %g, redoing the step", bad[:3], step,
+                    scale, scale / 2)
+        scale, redo = scale / 2, True
+
+
+def _running_importance(targets: list[TargetLayer], sums: dict[str, LayerSums], config: GoraConfig) -> dict[str, float]:
+    scores = {}
+    for target in targets:
+        layer = sums[target.name]
+        if layer.count == 0:
+            continue
+        if layer.grad is not None:
+            weight = target.weight_out_in().detach().to(layer.grad.device)
+            scores[target.name] = IMPORTANCE_FNS[config.importance](weight, layer.grad / layer.count)
+        elif layer.frob is not None:
+            scores[target.name] = frobenius_from_sketch(layer.frob / layer.count)
+    return scores
+
+
+def _converged(previous: dict[str, float], current: dict[str, float], threshold: float) -> bool:
+    if not previous or set(previous) != set(current):
+        return False
+    return all(abs(current[n] - previous[n]) <= threshold * abs(previous[n]) for n in current)
+
+
+def run_estimation(
+    model: nn.Module,
+    targets: list[TargetLayer],
+    batch_iterator: Iterator,
+    config: GoraConfig,
+    loss_fn: LossFn | None,
+    sketch: dict[str, SketchOperators] | None,
+    acc_device: torch.device,
+) -> EstimationRun:
+    """Accumulate gradients over the first ``config.num_steps`` batches (fewer with adaptive steps)."""
+    device = model_device(model)
+    fp16 = any(t.weight.dtype == torch.float16 for t in targets)
+    scale = config.fp16_loss_scale if fp16 else 1.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start, steps, samples, notes = time.perf_counter(), 0, 0, {}
+    previous: dict[str, float] = {}
+    bar = tqdm(total=config.num_steps, desc="GoRA gradient estimation", unit="step",
+               disable=not config.show_progress or distributed.rank() != 0)
+    with GradientAccumulator(model, targets, acc_device, sketch, config.train_mode) as accumulator, \
+            torch.enable_grad(), bar:
+        accumulator.check_each_hook = fp16
+        for step in range(config.num_steps):
+            batch = next(batch_iterator, _END)
+            if batch is _END:
+                break
+            batch = move_to_device(batch, device)
+            scale = _one_step(model, accumulator, batch, loss_fn, step, scale, fp16)
+            steps, samples = steps + 1, samples + batch_size(batch)
+            bar.update(1)
+            if config.adaptive_steps and steps >= config.min_steps - 1:
+                current = _running_importance(targets, accumulator.sums, config)
+                done = steps >= config.min_steps and _converged(previous, current, config.convergence_threshold)
+                previous = current
+                if not distributed.any_process(not done):
+                    notes["adaptive_steps_stopped_at"] = steps
+                    logger.info("adaptive steps: importance converged after %d steps (%d samples)", steps, samples)
+                    break
+    if steps < config.num_steps and "adaptive_steps_stopped_at" not in notes:
+        raise GoraDataError(
+            f"the batches gave {steps} items but num_steps={config.num_steps}; pass at least {config.num_steps} "
+            f"batches, or set GoraConfig(num_steps={max(steps, 1)})."
+            if steps else "the batches are empty: estimate_gora needs at least one batch (num_steps of them)."
+        )
+    if fp16:
+        notes["fp16_final_loss_scale"] = scale
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return EstimationRun(accumulator.sums, steps, samples, time.perf_counter() - start, int(peak), notes)
+
+
+_END = object()
+

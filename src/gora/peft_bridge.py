@@ -1,0 +1,247 @@
+"""From a ``GoraState`` to a plain ``peft.PeftModel``, and portable export.
+
+Native model: the user's LoraConfig with ``use_rslora=True``, exact target names, and
+``rank_pattern``/``alpha_pattern`` per layer; PEFT builds the layers, gora copies A and B in.
+Portable export: ``r`` = max rank, one global scaling of 1, per-layer scaling folded into
+``lora_B``, ``use_rslora=False``: read the same way by vanilla PEFT and vLLM.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .atomic import atomic_directory
+from .errors import GoraStateError, GoraTargetError, GoraUnsupportedError
+from .initialization import b_from_c
+from .state import GoraState
+from .targets import _describe, unwrap_model
+from .versions import package_versions
+
+logger = logging.getLogger(__name__)
+
+SIDECAR_FILE = "gora_config.json"
+SIDECAR_VERSION = 1
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_STATES: "weakref.WeakKeyDictionary[nn.Module, GoraState]" = weakref.WeakKeyDictionary()
+
+
+# -- naming ----------------------------------------------------------------------------------
+def pattern_keys(names: list[str]) -> dict[str, str]:
+    """rank_pattern key per exact name. PEFT matches keys as ``(.*\\.)?key$``, so a name that is a
+    dotted suffix of another target would also match it: anchor such a key with ``^``."""
+    keys = {}
+    for name in names:
+        shadows = any(other != name and other.endswith("." + name) for other in names)
+        keys[name] = f"^{name}" if shadows else name
+    return keys
+
+
+def target_modules_for(base: nn.Module, names: list[str]) -> list[str] | str:
+    """Exact names; a full-match regex only when a name is a dotted suffix of a module we must not adapt."""
+    chosen = set(names)
+    collides = any(
+        other not in chosen and any(other.endswith("." + name) for name in names)
+        for other, _ in base.named_modules()
+    )
+    if not collides:
+        return sorted(names)
+    return "^(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
+
+
+def native_lora_config(lora_config: LoraConfig, state: GoraState, base: nn.Module) -> LoraConfig:
+    """The LoraConfig PEFT builds GoRA's model from (only rank > 0 modules targeted)."""
+    config = copy.deepcopy(lora_config)
+    names = state.adapted
+    keys = pattern_keys(names)
+    config.target_modules = target_modules_for(base, names)
+    config.rank_pattern = {keys[n]: state.ranks[n] for n in names}
+    config.alpha_pattern = {keys[n]: config.lora_alpha for n in names}
+    config.use_rslora = True
+    config.init_lora_weights = True
+    config.layers_to_transform = None
+    config.layers_pattern = None
+    return config
+
+
+# -- checks ------------------------------------------------------------------------------------
+def check_state_fits(base: nn.Module, state: GoraState) -> None:
+    """Refuse a state written for another model: every adapted name must exist with the same shape."""
+    state.validate()
+    modules = dict(base.named_modules())
+    problems = []
+    for name in state.adapted:
+        module = modules.get(name)
+        if module is None:
+            problems.append(f"{name!r} does not exist")
+            continue
+        try:
+            shape = _describe(module, name).shape
+        except GoraUnsupportedError:
+            problems.append(f"{name!r} is a {type(module).__name__}, not a linear layer")
+            continue
+        if shape != tuple(state.shapes[name]):
+            problems.append(f"{name!r} is {shape[0]}x{shape[1]}, the state has {state.shapes[name]}")
+    if problems:
+        raise GoraStateError(
+            f"this GoraState does not fit the model ({len(problems)} problems: {'; '.join(problems[:4])}). "
+            f"It was estimated on a {state.model_class or 'different model'}; estimate again on this model."
+        )
+
+
+# -- apply -------------------------------------------------------------------------------------
+def apply_gora(
+    model: nn.Module, lora_config: LoraConfig, state: GoraState, *, gamma: float | None = None,
+    adapter_name: str = "default",
+) -> PeftModel:
+    """Wrap ``model`` in a ``PeftModel`` whose adapters start at GoRA's initialisation.
+
+    Each adapted layer gets rank ``state.ranks[name]``, scaling α/√r_i, A_i from the state and
+    B_i = −(γ√in/α)·C_i, so ΔW₀ = −γ√(in/r_i)·Ḡ_i P_{A_i}. Base weights are never modified.
+    ``gamma`` overrides the state's γ (B is linear in γ: no re-estimation needed).
+
+    Raises:
+        GoraStateError: the state does not fit the model (checked before the model is touched).
+    """
+    if not isinstance(lora_config, LoraConfig):
+        raise TypeError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}.")
+    if isinstance(model, PeftModel):
+        raise GoraTargetError("model is already a PeftModel; pass the base model (peft_model.get_base_model() "
+                              "after unloading its adapters, or a freshly loaded model).")
+    if not state.adapted:
+        raise GoraStateError("the state adapts no layer (every rank is 0); lower min_rank or check the targets.")
+    if lora_config.use_dora:
+        raise GoraUnsupportedError("GoRA initialises plain LoRA adapters; set use_dora=False.")
+    base = unwrap_model(model)
+    check_state_fits(base, state)
+    gamma = state.gamma if gamma is None else float(gamma)
+    if gamma < 0:
+        raise GoraStateError(f"gamma must be >= 0, got {gamma}.")
+    if lora_config.r != state.reference_rank:
+        logger.warning("LoraConfig.r=%d differs from the state's reference rank %d; the state's ranks are used.",
+                       lora_config.r, state.reference_rank)
+    alpha = float(lora_config.lora_alpha)
+    weights = {n: (state.A[n], b_from_c(state.C[n], gamma, state.shapes[n][1], alpha)) for n in state.adapted}
+    config = native_lora_config(lora_config, state, base)
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    try:
+        _copy_adapter_weights(peft_model, weights, adapter_name)
+    except BaseException:
+        peft_model.unload()  # put the user's model back as it was
+        raise
+    _STATES[peft_model] = state
+    return peft_model
+
+
+def _copy_adapter_weights(peft_model: PeftModel, weights: dict, adapter_name: str) -> None:
+    modules = dict(peft_model.base_model.model.named_modules())
+    for name, (a, b) in weights.items():
+        layer = modules[name]
+        lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        if lora_a.shape != a.shape or lora_b.shape != b.shape:
+            raise GoraStateError(f"PEFT built {name!r} with A {tuple(lora_a.shape)} B {tuple(lora_b.shape)}, "
+                                 f"expected {tuple(a.shape)} and {tuple(b.shape)} (rank_pattern not applied).")
+        with torch.no_grad():
+            lora_a.copy_(a.to(device=lora_a.device, dtype=lora_a.dtype))
+            lora_b.copy_(b.to(device=lora_b.device, dtype=lora_b.dtype))
+
+
+def state_of(peft_model: nn.Module) -> GoraState | None:
+    """The GoraState a model was built from by ``apply_gora`` in this process, if any."""
+    return _STATES.get(peft_model)
+
+
+# -- export ------------------------------------------------------------------------------------
+def lora_layers(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, tuple[int, float]]:
+    """{module name: (rank, forward scaling)} read off the model's LoRA layers themselves."""
+    layers = {}
+    for name, module in peft_model.base_model.model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if isinstance(lora_a, nn.ModuleDict) and adapter_name in lora_a:
+            layers[name] = (lora_a[adapter_name].weight.shape[0], float(module.scaling[adapter_name]))
+    return layers
+
+
+def export_adapter(
+    peft_model: PeftModel, path: str | os.PathLike, portable: bool = True, *, state: GoraState | None = None,
+    adapter_name: str = "default",
+) -> Path:
+    """Save the adapter; ``portable=True`` writes the form vanilla PEFT and vLLM read the same way.
+
+    Portable: ``r`` = max rank, ``lora_alpha`` = ``r`` (global scaling 1), ``rank_pattern`` and
+    ``alpha_pattern`` = r_i, ``use_rslora=False``, each ``lora_B`` multiplied by its native scaling
+    (α/√r_i) in fp32. Both forms add a ``gora_config.json`` sidecar (ignored by PEFT and vLLM).
+    The write is atomic: ``path`` is replaced only when everything is written.
+    """
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError(f"export_adapter needs a peft.PeftModel, got {type(peft_model).__name__}.")
+    config = peft_model.peft_config.get(adapter_name)
+    if not isinstance(config, LoraConfig):
+        raise GoraUnsupportedError(f"adapter {adapter_name!r} is not a LoRA adapter; nothing to export.")
+    if portable and config.use_dora:
+        raise GoraUnsupportedError("DoRA adapters have no portable rsLoRA-free form; export with portable=False.")
+    state = state if state is not None else state_of(peft_model)
+    layers = lora_layers(peft_model, adapter_name)
+    with atomic_directory(path) as tmp:
+        peft_model.save_pretrained(str(tmp), selected_adapters=[adapter_name])
+        saved = tmp if adapter_name == "default" else tmp / adapter_name
+        if portable:
+            _make_portable(saved, layers)
+            if config.modules_to_save:
+                logger.warning("the adapter carries modules_to_save %s: vanilla PEFT needs them, vLLM rejects them.",
+                               sorted(config.modules_to_save))
+            logger.info("portable adapter: serve with vLLM --max-lora-rank >= %d", max(r for r, _ in layers.values()))
+        _write_sidecar(saved / SIDECAR_FILE, layers, state, portable)
+    return Path(path)
+
+
+def _make_portable(directory: Path, layers: dict[str, tuple[int, float]]) -> None:
+    weights = load_file(str(directory / ADAPTER_WEIGHTS))
+    for key, tensor in weights.items():
+        if key.endswith(".lora_B.weight"):
+            name = key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+            weights[key] = (tensor.double() * layers[name][1]).to(tensor.dtype).contiguous()  # fold α/√r_i into B
+    save_file(weights, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config_path = directory / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text())
+    keys = pattern_keys(sorted(layers))
+    r_max = max(rank for rank, _ in layers.values())
+    config.update(
+        r=r_max, lora_alpha=r_max, use_rslora=False, init_lora_weights=True,
+        rank_pattern={keys[n]: rank for n, (rank, _) in layers.items()},
+        alpha_pattern={keys[n]: rank for n, (rank, _) in layers.items()},  # alpha_i / r_i = 1 everywhere
+    )
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _write_sidecar(path: Path, layers: dict, state: GoraState | None, portable: bool) -> None:
+    sidecar: dict[str, Any] = {
+        "format": "gora-adapter",
+        "format_version": SIDECAR_VERSION,
+        "portable": portable,
+        "native_scalings": {n: s for n, (_, s) in sorted(layers.items())},
+        "versions": package_versions(),
+    }
+    if state is None:
+        sidecar["ranks"] = {n: r for n, (r, _) in sorted(layers.items())}
+    else:
+        sidecar |= {
+            "ranks": dict(sorted(state.ranks.items())), "importance": dict(sorted(state.importance.items())),
+            "skipped": state.skipped, "budget": state.budget, "actual_params": state.actual_params,
+            "r": state.reference_rank, "lora_alpha": state.lora_alpha, "gamma": state.gamma,
+            "gora_config": state.config, "num_steps": state.num_steps, "num_samples": state.num_samples,
+            "seed": state.seed, "estimation_versions": state.versions,
+        }
+    path.write_text(json.dumps(sidecar, indent=2, sort_keys=True))

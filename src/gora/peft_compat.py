@@ -1,0 +1,33 @@
+"""The one module that touches PEFT internals, so a PEFT upgrade changes one file."""
+
+from __future__ import annotations
+
+import copy
+
+from peft import LoraConfig
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from .errors import GoraTargetError
+
+
+def expanded_lora_config(model: nn.Module, lora_config: LoraConfig) -> LoraConfig:
+    """A copy of ``lora_config`` with ``all-linear`` and a missing ``target_modules`` resolved as PEFT does."""
+    config = copy.deepcopy(lora_config)
+    if config.target_modules is None and getattr(config, "target_parameters", None) is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        defaults = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        if defaults is None:
+            raise GoraTargetError(
+                f"LoraConfig.target_modules is None and PEFT has no default targets for model_type={model_type!r}; "
+                "pass target_modules (exact names, dotted suffixes, a regex, or 'all-linear')."
+            )
+        config.target_modules = set(defaults)
+    return _maybe_include_all_linear_layers(config, model)
+
+
+def is_target(config: LoraConfig, name: str) -> bool:
+    """PEFT's own matching rule: exact name or dotted suffix, regex string, exclude_modules, layers_to_transform."""
+    # PEFT returns a match, True, or a falsy value (None, False, an _ExcludedModule sentinel)
+    return bool(check_target_module_exists(config, name))
