@@ -8,7 +8,8 @@ s_i · B_i A_i x with s_i = α/√r_i. r = ``lora_config.r`` (reference rank), �
     peft_model = get_gora_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=[...]), batches)
 """
 
-from .api import estimate_gora, get_gora_model
+from typing import TYPE_CHECKING
+
 from .config import GoraConfig
 from .errors import (
     GoraConfigError,
@@ -19,8 +20,35 @@ from .errors import (
     GoraTargetError,
     GoraUnsupportedError,
 )
-from .peft_bridge import apply_gora, export_adapter
-from .state import GoraState
+
+if TYPE_CHECKING:
+    from .api import estimate_gora, get_gora_model
+    from .peft_bridge import apply_gora, export_adapter
+    from .state import GoraState
+
+# torch, transformers and peft load on first use (PEP 562), so `gora --help` stays fast.
+_LAZY = {
+    "estimate_gora": ".api",
+    "get_gora_model": ".api",
+    "apply_gora": ".peft_bridge",
+    "export_adapter": ".peft_bridge",
+    "GoraState": ".state",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
