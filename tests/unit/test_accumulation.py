@@ -1,0 +1,79 @@
+"""Streamed accumulation equals plain autograd, for every layer, the last-computed one included."""
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from conftest import make_bert_batches, make_lm_batches, tiny_gpt2
+from gora import GoraConfig
+from gora.estimation import accumulation_device, run_estimation
+from gora.targets import resolve_targets
+
+
+def _autograd_mean_grads(model, targets, batches):
+    """(1/N) Σ_t ∇L_t by plain autograd, (out, in) orientation."""
+    grads = {t.name: torch.zeros(t.shape, dtype=torch.float64) for t in targets}
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        for t in targets:
+            g = t.weight.grad.t() if t.transposed else t.weight.grad
+            grads[t.name] += g.double() / len(batches)
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _estimate(model, lora_config, batches, **config):
+    targets, _ = resolve_targets(model, lora_config)
+    config = GoraConfig(num_steps=len(batches), show_progress=False, **config)
+    run = run_estimation(model, targets, iter(batches), config, None, None, accumulation_device(targets, torch.device("cpu"), config))
+    return targets, run
+
+
+def test_accumulation_equals_full_batch_autograd(tiny_bert):
+    lora_config = LoraConfig(r=4, target_modules=["query", "key", "value", "dense"])
+    batches = make_bert_batches(5)
+    targets, run = _estimate(tiny_bert, lora_config, batches)
+    expected = _autograd_mean_grads(tiny_bert, targets, batches)
+    for t in targets:
+        sums = run.sums[t.name]
+        assert sums.grad.dtype == torch.float32
+        torch.testing.assert_close(sums.grad.double() / sums.count, expected[t.name], rtol=1e-5, atol=1e-8)
+
+
+def test_every_counter_equals_steps_including_last_computed_layer(tiny_bert):
+    # the classifier-side pooler is the first layer backward reaches, the embeddings-side query the last
+    lora_config = LoraConfig(r=4, target_modules=["query", "pooler.dense"])
+    targets, run = _estimate(tiny_bert, lora_config, make_bert_batches(6))
+    assert {run.sums[t.name].count for t in targets} == {6}
+    assert run.steps == 6 and run.samples == 24
+
+
+def test_conv1d_gradients_are_transposed_to_out_in():
+    model = tiny_gpt2()
+    lora_config = LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    batches = make_lm_batches(3)
+    targets, run = _estimate(model, lora_config, batches)
+    c_attn = next(t for t in targets if t.name.endswith("attn.c_attn"))
+    assert c_attn.transposed and c_attn.shape == (96, 32)
+    assert run.sums[c_attn.name].grad.shape == (96, 32)
+    expected = _autograd_mean_grads(model, targets, batches)
+    for t in targets:
+        torch.testing.assert_close(run.sums[t.name].grad.double() / 3, expected[t.name], rtol=1e-5, atol=1e-8)
+
+
+def test_layers_without_gradient_get_count_zero(tiny_bert):
+    # pooler output is unused when the loss only reads hidden states
+    lora_config = LoraConfig(r=4, target_modules=["query", "pooler.dense"])
+    targets, _ = resolve_targets(tiny_bert, lora_config)
+    config = GoraConfig(num_steps=2, show_progress=False)
+
+    def loss_fn(model, batch):
+        return model.bert(input_ids=batch["input_ids"]).last_hidden_state.pow(2).mean()
+
+    run = run_estimation(tiny_bert, targets, iter(make_bert_batches(2)), config, loss_fn, None, torch.device("cpu"))
+    assert run.sums["bert.pooler.dense"].count == 0
+    assert run.sums["bert.encoder.layer.0.attention.self.query"].count == 2
+    assert all(p.grad is None for p in tiny_bert.parameters())
