@@ -6,64 +6,60 @@ s_i · B_i A_i x with s_i = α/√r_i. r = ``lora_config.r`` (reference rank), �
 Ḡ_i the mean gradient of W_i over the estimation batches, γ the initial step size.
 
     peft_model = get_gora_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=[...]), batches)
+
+The public names are imported lazily (PEP 562), so ``gora --help`` answers without importing torch.
 """
 
+from __future__ import annotations
+
+import importlib
 from typing import TYPE_CHECKING
 
-from .config import GoraConfig
-from .errors import (
-    GoraConfigError,
-    GoraDataError,
-    GoraError,
-    GoraNumericalError,
-    GoraStateError,
-    GoraTargetError,
-    GoraUnsupportedError,
-)
+__version__ = "0.1.0"
 
-if TYPE_CHECKING:
-    from .api import estimate_gora, get_gora_model
-    from .peft_bridge import apply_gora, export_adapter
-    from .state import GoraState
-
-# torch, transformers and peft load on first use (PEP 562), so `gora --help` stays fast.
-_LAZY = {
-    "estimate_gora": ".api",
-    "get_gora_model": ".api",
-    "apply_gora": ".peft_bridge",
-    "export_adapter": ".peft_bridge",
-    "GoraState": ".state",
+_EXPORTS = {
+    "GoraConfig": "config",
+    "GoraState": "state",
+    "estimate_gora": "api",
+    "apply_gora": "peft_bridge",
+    "get_gora_model": "api",
+    "export_adapter": "peft_bridge",
+    "GoraError": "errors",
+    "GoraConfigError": "errors",
+    "GoraDataError": "errors",
+    "GoraNumericalError": "errors",
+    "GoraStateError": "errors",
+    "GoraTargetError": "errors",
+    "GoraUnsupportedError": "errors",
 }
+
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # cache: later look-ups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(__all__))
 
 
-__version__ = "0.1.0"
-
-__all__ = [
-    "GoraConfig",
-    "GoraState",
-    "estimate_gora",
-    "apply_gora",
-    "get_gora_model",
-    "export_adapter",
-    "GoraError",
-    "GoraConfigError",
-    "GoraDataError",
-    "GoraNumericalError",
-    "GoraStateError",
-    "GoraTargetError",
-    "GoraUnsupportedError",
-]
+if TYPE_CHECKING:  # static type checkers and IDEs see the real names
+    from .api import estimate_gora, get_gora_model
+    from .config import GoraConfig
+    from .errors import (
+        GoraConfigError,
+        GoraDataError,
+        GoraError,
+        GoraNumericalError,
+        GoraStateError,
+        GoraTargetError,
+        GoraUnsupportedError,
+    )
+    from .peft_bridge import apply_gora, export_adapter
+    from .state import GoraState
