@@ -160,3 +160,17 @@ def test_get_gora_model_equals_estimate_then_apply(tiny_bert):
     two = apply_gora(tiny_bert, LoraConfig(**LORA), state)
     for (k1, v1), (k2, v2) in zip(one.state_dict().items(), two.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2)
+
+
+def test_layers_without_gradient_are_reported_and_left_plain(tiny_bert):
+    def loss_fn(model, batch):  # never reads the pooler
+        return model.bert(input_ids=batch["input_ids"]).last_hidden_state.pow(2).mean()
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "pooler.dense"])
+    state = estimate_gora(tiny_bert, lora, make_bert_batches(3), GoraConfig(num_steps=3, show_progress=False),
+                          loss_fn=loss_fn)
+    assert state.skipped == {"bert.pooler.dense": "no gradient"}
+    assert state.ranks["bert.pooler.dense"] == 0 and "bert.pooler.dense" not in state.importance
+    assert state.budget == 4 * 2 * (32 + 32)  # the gradient-less layer is out of the budget
+    peft_model = apply_gora(tiny_bert, lora, state)
+    assert not hasattr(dict(peft_model.base_model.model.named_modules())["bert.pooler.dense"], "lora_A")
