@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import GoraConfigError
+from .errors import GoraConfigError, GoraConfigTypeError
 
 Importance = Literal["mean_abs", "frobenius", "grad_nuclear"]
 Features = Literal["identity", "sqrt"]
@@ -15,6 +17,14 @@ Estimator = Literal["full", "sketch"]
 IMPORTANCE_NAMES = ("mean_abs", "frobenius", "grad_nuclear")
 FEATURE_NAMES = ("identity", "sqrt")
 ESTIMATOR_NAMES = ("full", "sketch")
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """An ``int`` (never a bool or a float such as 2.0) that is at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GoraConfigTypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise GoraConfigError(f"{name} must be >= {minimum}, got {value}.")
 
 
 def default_gamma_grid() -> list[float]:
@@ -98,7 +108,10 @@ class GoraConfig:
                 "pass importance='frobenius' with the sketch estimator, or estimator='full'."
             )
         if self.offload is not None and not isinstance(self.offload, bool):
-            raise GoraConfigError(f"offload must be True, False or None (automatic), got {self.offload!r}.")
+            raise GoraConfigTypeError(f"offload must be True, False or None (automatic), got {self.offload!r}.")
+        for name in ("adaptive_steps", "adaptive_gamma", "train_mode", "gradient_checkpointing", "show_progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise GoraConfigTypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         self._check_int("seed", self.seed, minimum=0)
         self._check_int("sketch_dim", self.sketch_dim, minimum=1)
         self._check_int("min_steps", self.min_steps, minimum=1)
@@ -106,25 +119,38 @@ class GoraConfig:
         self._check_float("convergence_threshold", self.convergence_threshold, minimum=0.0)
         self._check_float("fp16_loss_scale", self.fp16_loss_scale, minimum=1.0)
         if self.gamma_grid is not None:
+            if isinstance(self.gamma_grid, (str, bytes)) or not isinstance(self.gamma_grid, (list, tuple)):
+                raise GoraConfigTypeError(
+                    f"gamma_grid must be a list of candidate gammas or None, got {self.gamma_grid!r}."
+                )
             if len(self.gamma_grid) == 0:
-                raise GoraConfigError("gamma_grid is empty; pass candidate gammas > 0, or None for the default grid.")
+                raise GoraConfigError("gamma_grid is empty; pass candidate gammas >= 0, or None for the default grid.")
             for value in self.gamma_grid:
                 self._check_float("gamma_grid entry", value, minimum=0.0)
+        self._check_extra(self.extra)
 
     # -- validation helpers -------------------------------------------------------------
     @staticmethod
     def _check_int(name: str, value: Any, minimum: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise GoraConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
-        if value < minimum:
-            raise GoraConfigError(f"{name} must be >= {minimum}, got {value}.")
+        check_int(name, value, minimum)
 
     @staticmethod
     def _check_float(name: str, value: Any, minimum: float) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise GoraConfigError(f"{name} must be a number, got {value!r}.")
-        if not (value >= minimum) or value != value or value == float("inf"):
+            raise GoraConfigTypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+        if not math.isfinite(value) or value < minimum:
             raise GoraConfigError(f"{name} must be a finite number >= {minimum}, got {value}.")
+
+    @staticmethod
+    def _check_extra(extra: Any) -> None:
+        if not isinstance(extra, dict):
+            raise GoraConfigTypeError(f"extra must be a dict of notes, got {type(extra).__name__}.")
+        try:  # it is saved with the state: refuse now rather than fail at state.save
+            json.dumps(extra, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as error:
+            raise GoraConfigError(
+                f"extra must hold JSON-serialisable notes (str, numbers, lists, dicts): {error}."
+            ) from None
 
     @staticmethod
     def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -134,8 +160,7 @@ class GoraConfig:
     # -- derived values -----------------------------------------------------------------
     def rank_bounds(self, reference_rank: int) -> tuple[int, int]:
         """(min_rank, max_rank) with the defaults resolved against LoRA's reference rank r."""
-        if isinstance(reference_rank, bool) or not isinstance(reference_rank, int) or reference_rank < 1:
-            raise GoraConfigError(f"LoraConfig.r must be a positive integer, got {reference_rank!r}.")
+        check_int("LoraConfig.r", reference_rank, minimum=1)
         min_rank = max(1, reference_rank // 2) if self.min_rank is None else self.min_rank
         max_rank = 4 * reference_rank if self.max_rank is None else self.max_rank
         if min_rank > max_rank:
@@ -153,8 +178,47 @@ class GoraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GoraConfig":
+        if not isinstance(data, dict):
+            raise GoraConfigTypeError(f"GoraConfig.from_dict needs a dict, got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise GoraConfigError(f"unknown GoraConfig fields {unknown}; known fields are {sorted(known)}.")
         return cls(**data)
+
+
+def check_gora_config(gora_config: Any) -> GoraConfig:
+    """``gora_config`` itself, or ``GoraConfig()`` for ``None``; anything else is refused."""
+    if gora_config is None:
+        return GoraConfig()
+    if not isinstance(gora_config, GoraConfig):
+        raise GoraConfigTypeError(
+            f"gora_config must be a GoraConfig or None, got {type(gora_config).__name__}; "
+            "build one with GoraConfig(...) (or GoraConfig.from_dict(d) for a dict)."
+        )
+    return gora_config
+
+
+def check_lora_config(lora_config: Any) -> None:
+    """Refuse a LoraConfig GoRA cannot use before any work: not a LoraConfig, r < 1, or α not a positive number.
+
+    Raises:
+        GoraConfigTypeError: not a ``peft.LoraConfig``, or ``r`` / ``lora_alpha`` of the wrong type.
+        GoraConfigError: ``r < 1`` or ``lora_alpha`` not finite and > 0 (B = −(γ√in/α)·C divides by α).
+    """
+    from peft import LoraConfig  # imported here: `import gora` stays free of torch and peft
+
+    if not isinstance(lora_config, LoraConfig):
+        raise GoraConfigTypeError(
+            f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}; "
+            "build one with LoraConfig(r=8, lora_alpha=16, target_modules=[...])."
+        )
+    check_int("LoraConfig.r", lora_config.r, minimum=1)
+    alpha = lora_config.lora_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise GoraConfigTypeError(f"LoraConfig.lora_alpha must be a number, got {alpha!r}.")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise GoraConfigError(
+            f"LoraConfig.lora_alpha must be a finite number > 0, got {alpha}; GoRA scales B by 1/alpha "
+            "(try lora_alpha = 2 * r)."
+        )

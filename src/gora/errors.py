@@ -16,6 +16,14 @@ class GoraConfigError(GoraError, ValueError):
     """An invalid setting in ``GoraConfig`` or in the ``LoraConfig`` it is used with."""
 
 
+class GoraTypeError(GoraError, TypeError):
+    """An argument of the wrong type (a dict where a ``GoraConfig`` is expected, a path where a ``GoraState`` is)."""
+
+
+class GoraConfigTypeError(GoraConfigError, GoraTypeError):
+    """A setting of the wrong type (a float where an integer is expected): both a config and a type error."""
+
+
 class GoraTargetError(GoraError, ValueError):
     """Target modules that match nothing, or that gora cannot adapt."""
 
@@ -39,6 +47,8 @@ class GoraStateError(GoraError, ValueError):
 __all__ = [
     "GoraError",
     "GoraConfigError",
+    "GoraTypeError",
+    "GoraConfigTypeError",
     "GoraTargetError",
     "GoraUnsupportedError",
     "GoraDataError",
