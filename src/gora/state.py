@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 from torch import Tensor
 
-from .atomic import atomic_directory, sha256_file
+from .atomic import atomic_directory, interrupted_saves, sha256_bytes, sha256_file
 from .errors import GoraStateError
 
 FORMAT_VERSION = 1
@@ -94,15 +95,28 @@ class GoraState:
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``gora_state.json`` + ``gora_state.safetensors`` atomically (temp dir, then rename)."""
+        """Write ``gora_state.json`` + ``gora_state.safetensors`` atomically (temp dir, then rename).
+
+        Both files are checksummed (SHA-256 of the tensor file, and of the metadata itself), so any
+        later damage is detected by ``load``. An interrupted save leaves ``directory`` as it was.
+
+        Raises:
+            GoraStateError: the state is inconsistent, holds notes or a config that are not JSON, or
+                ``directory`` is a file or a directory with other content.
+        """
         self.validate()
+        meta = self._metadata()
+        try:  # serialise before writing anything: a bad note must not cost a half-written directory
+            json.dumps(meta)
+        except (TypeError, ValueError, RecursionError) as error:
+            raise GoraStateError(f"the state's config or notes cannot be written as JSON ({error}).") from None
         tensors = {f"A::{n}": self.A[n].detach().float().cpu().contiguous() for n in self.adapted}
         tensors |= {f"C::{n}": self.C[n].detach().float().cpu().contiguous() for n in self.adapted}
         with atomic_directory(directory) as tmp:
             save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": "gora", "version": str(FORMAT_VERSION)})
-            meta = self._metadata()
             meta["tensors_sha256"] = sha256_file(tmp / TENSOR_FILE)
             meta["tensors_bytes"] = (tmp / TENSOR_FILE).stat().st_size
+            meta["meta_sha256"] = _metadata_checksum(meta)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return Path(directory)
 
@@ -132,91 +146,182 @@ class GoraState:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "GoraState":
-        """Load a saved state; damaged, truncated or foreign files raise ``GoraStateError``."""
+        """Load a saved state.
+
+        Raises:
+            GoraStateError: the directory is missing, a file is missing, truncated or corrupted (size or
+                SHA-256 mismatch), or the content is malformed or inconsistent. Nothing else.
+        """
         path = Path(directory)
         meta = _read_metadata(path)
-        tensor_path = path / TENSOR_FILE
-        if not tensor_path.is_file():
-            raise GoraStateError(f"{tensor_path} is missing; the state in {path} is incomplete. Re-run estimate_gora.")
-        if tensor_path.stat().st_size != meta["tensors_bytes"] or sha256_file(tensor_path) != meta["tensors_sha256"]:
-            raise GoraStateError(
-                f"{tensor_path} does not match its checksum in {META_FILE} (truncated or corrupted); "
-                "re-run estimate_gora and save the state again."
-            )
-        try:
-            tensors = load_file(str(tensor_path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-            raise GoraStateError(f"cannot read {tensor_path}: {error}. Re-run estimate_gora.") from error
+        tensors = _read_tensors(path / TENSOR_FILE, meta)
         try:
             state = cls(
-                ranks={str(k): int(v) for k, v in meta["ranks"].items()},
-                importance={str(k): float(v) for k, v in meta["importance"].items()},
-                shapes={str(k): (int(v[0]), int(v[1])) for k, v in meta["shapes"].items()},
+                ranks=_str_dict(meta, "ranks", lambda v: _int(v, minimum=0)),
+                importance=_str_dict(meta, "importance", _float),
+                shapes=_str_dict(meta, "shapes", _shape),
                 A={k[3:]: v for k, v in tensors.items() if k.startswith("A::")},
                 C={k[3:]: v for k, v in tensors.items() if k.startswith("C::")},
-                skipped=dict(meta.get("skipped", {})),
-                reference_rank=int(meta["reference_rank"]),
-                lora_alpha=float(meta["lora_alpha"]),
-                gamma=float(meta["gamma"]),
-                seed=int(meta["seed"]),
-                config=dict(meta.get("config", {})),
-                num_steps=int(meta.get("num_steps", 0)),
-                num_samples=int(meta.get("num_samples", 0)),
-                budget=int(meta.get("budget", 0)),
-                actual_params=int(meta.get("actual_params", 0)),
-                estimation_seconds=float(meta.get("estimation_seconds", 0.0)),
-                peak_memory_bytes=int(meta.get("peak_memory_bytes", 0)),
-                versions=dict(meta.get("versions", {})),
-                model_class=str(meta.get("model_class", "")),
-                notes=dict(meta.get("notes", {})),
+                skipped=_str_dict(meta, "skipped", _str, default={}),
+                reference_rank=_int(meta["reference_rank"], minimum=1),
+                lora_alpha=_float(meta["lora_alpha"]),
+                gamma=_float(meta["gamma"]),
+                seed=_int(meta["seed"], minimum=0),
+                config=_dict(meta.get("config", {})),
+                num_steps=_int(meta.get("num_steps", 0), minimum=0),
+                num_samples=_int(meta.get("num_samples", 0), minimum=0),
+                budget=_int(meta.get("budget", 0), minimum=0),
+                actual_params=_int(meta.get("actual_params", 0), minimum=0),
+                estimation_seconds=_float(meta.get("estimation_seconds", 0.0)),
+                peak_memory_bytes=_int(meta.get("peak_memory_bytes", 0), minimum=0),
+                versions=_str_dict(meta, "versions", _str, default={}),
+                model_class=_str(meta.get("model_class", "")),
+                notes=_dict(meta.get("notes", {})),
             )
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
-            raise GoraStateError(f"{path / META_FILE} is malformed ({error!r}); re-run estimate_gora.") from error
+        except (KeyError, TypeError, ValueError) as error:
+            raise GoraStateError(f"{path / META_FILE} is malformed ({error}); re-run estimate_gora.") from None
+        unexpected = sorted((set(state.A) | set(state.C)) - set(state.adapted))
+        if unexpected:
+            raise GoraStateError(f"{path / TENSOR_FILE} holds tensors for {unexpected[:5]}, which the state does "
+                                 "not adapt; the files do not belong together. Re-run estimate_gora.")
         state.validate()
         return state
 
     def validate(self) -> None:
-        """Check internal consistency: every adapted layer has A (r×in) and C (out×r) of finite values."""
+        """Check internal consistency: every adapted layer has A (r×in) and C (out×r) of finite fp32 values.
+
+        Raises:
+            GoraStateError: naming the first inconsistencies found.
+        """
         problems = []
         for name, rank in self.ranks.items():
-            if name not in self.shapes:
-                problems.append(f"{name}: no shape")
+            if isinstance(rank, bool) or not isinstance(rank, int):
+                problems.append(f"{name}: rank {rank!r} is not an integer")
+                continue
+            shape = self.shapes.get(name)
+            if not _is_shape(shape):
+                problems.append(f"{name}: no (out, in) shape" if shape is None else f"{name}: bad shape {shape!r}")
                 continue
             if rank < 0:
                 problems.append(f"{name}: negative rank {rank}")
             if rank <= 0:
                 continue
-            out_f, in_f = self.shapes[name]
+            out_f, in_f = shape
             a, c = self.A.get(name), self.C.get(name)
-            if a is None or c is None:
+            if not isinstance(a, Tensor) or not isinstance(c, Tensor):
                 problems.append(f"{name}: missing A or C")
             elif tuple(a.shape) != (rank, in_f) or tuple(c.shape) != (out_f, rank):
                 problems.append(f"{name}: A {tuple(a.shape)} / C {tuple(c.shape)} do not fit rank {rank}, {out_f}x{in_f}")
+            elif not (a.is_floating_point() and c.is_floating_point()):
+                problems.append(f"{name}: A and C must be floating point, got {a.dtype} / {c.dtype}")
             elif not (torch.isfinite(a).all() and torch.isfinite(c).all()):
                 problems.append(f"{name}: non-finite values")
-        if not math.isfinite(self.gamma) or self.gamma < 0:
-            problems.append(f"gamma {self.gamma}")
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not math.isfinite(self.gamma) \
+                or self.gamma < 0:
+            problems.append(f"gamma {self.gamma!r} is not a finite number >= 0")
         if problems:
             raise GoraStateError(f"inconsistent GoraState: {'; '.join(problems[:5])}. Re-run estimate_gora.")
 
 
+# -- reading, strictly: a damaged file gives GoraStateError, never a stray KeyError or TypeError ----------------
+def _metadata_checksum(meta: dict[str, Any]) -> str:
+    """SHA-256 of the metadata (without this checksum) in a canonical JSON form, independent of layout."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    canonical = json.dumps(json.loads(json.dumps(body)), sort_keys=True, separators=(",", ":"))
+    return sha256_bytes(canonical.encode())
+
+
 def _read_metadata(path: Path) -> dict[str, Any]:
     if not path.is_dir():
-        raise GoraStateError(f"no GoRA state at {path}: the directory does not exist. Save one with state.save(path).")
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        hint = "Save one with state.save(path)."
+        earlier = interrupted_saves(path)
+        if earlier:
+            hint = (f"A save was interrupted while swapping directories; the previous complete state is at "
+                    f"{earlier[-1]}: rename it to {path}.")
+        raise GoraStateError(f"no GoRA state at {path}: the path {what}. {hint}")
     meta_path = path / META_FILE
     if not meta_path.is_file():
         raise GoraStateError(f"{meta_path} is missing; {path} is not a GoRA state directory (state.save writes it).")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise GoraStateError(f"{meta_path} is not valid JSON ({error}); the file is damaged. Re-run estimate_gora.") from error
+        meta = json.loads(meta_path.read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+        raise GoraStateError(f"{meta_path} cannot be read as JSON ({error}); the file is damaged or truncated. "
+                             "Re-run estimate_gora.") from None
     if not isinstance(meta, dict) or meta.get("format") != "gora-state":
         raise GoraStateError(f"{meta_path} is not a GoRA state file.")
     if meta.get("format_version") != FORMAT_VERSION:
         raise GoraStateError(
             f"{meta_path} has format version {meta.get('format_version')!r}; this gora reads version {FORMAT_VERSION}."
         )
-    for key in ("tensors_sha256", "tensors_bytes", "ranks", "shapes"):
+    for key in ("meta_sha256", "tensors_sha256", "tensors_bytes", "ranks", "shapes"):
         if key not in meta:
             raise GoraStateError(f"{meta_path} lacks {key!r}; the file is damaged. Re-run estimate_gora.")
+    try:
+        intact = meta["meta_sha256"] == _metadata_checksum(meta)
+    except (TypeError, ValueError, RecursionError):
+        intact = False
+    if not intact:
+        raise GoraStateError(f"{meta_path} does not match its own checksum (edited or corrupted); "
+                             "re-run estimate_gora and save the state again.")
     return meta
+
+
+def _read_tensors(tensor_path: Path, meta: dict[str, Any]) -> dict[str, Tensor]:
+    """The tensors of a state, read once and checked against the size and SHA-256 in the metadata."""
+    if not tensor_path.is_file():
+        raise GoraStateError(f"{tensor_path} is missing; the state in {tensor_path.parent} is incomplete. "
+                             "Re-run estimate_gora.")
+    try:
+        data = tensor_path.read_bytes()
+    except OSError as error:
+        raise GoraStateError(f"cannot read {tensor_path}: {error}.") from None
+    if len(data) != meta["tensors_bytes"] or sha256_bytes(data) != meta["tensors_sha256"]:
+        raise GoraStateError(
+            f"{tensor_path} does not match its size and checksum in {META_FILE} (truncated or corrupted); "
+            "re-run estimate_gora and save the state again."
+        )
+    try:
+        return safetensors_load(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
+        raise GoraStateError(f"cannot read {tensor_path}: {error}. Re-run estimate_gora.") from None
+
+
+def _int(value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _dict(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected an object, got {value!r}")
+    return value
+
+
+def _is_shape(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value))
+
+
+def _shape(value: Any) -> tuple[int, int]:
+    if not _is_shape(value):
+        raise ValueError(f"expected an (out, in) pair of positive integers, got {value!r}")
+    return (value[0], value[1])
+
+
+def _str_dict(meta: dict[str, Any], key: str, convert, default: dict | None = None) -> dict:
+    value = meta.get(key, default) if default is not None else meta[key]
+    return {k: convert(v) for k, v in _dict(value).items()}
