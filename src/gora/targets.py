@@ -104,8 +104,11 @@ def resolve_targets(model: nn.Module, lora_config: LoraConfig) -> tuple[list[Tar
                 f"module {name!r} ({type(module).__name__}) is quantised; estimate on the full-precision model, "
                 "save the GoraState, then apply_gora to the quantised model (QGoRA)."
             )
-        if isinstance(module, nn.Embedding) or id(getattr(module, "weight", None)) in tied:
-            skipped[name] = "tied to the input embeddings" if id(getattr(module, "weight", None)) in tied else "embedding"
+        if isinstance(module, nn.Embedding):
+            skipped[name] = "embedding"
+            continue
+        if id(getattr(module, "weight", None)) in tied:
+            skipped[name] = "tied to the input embeddings"
             continue
         if not isinstance(module, (nn.Linear, Conv1D)):
             if len(list(module.children())) > 0:
