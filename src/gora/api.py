@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from . import distributed
 from .accumulate import LayerSums, SketchOperators
 from .allocation import allocate_ranks
-from .config import GoraConfig
+from .config import GoraConfig, check_gora_config, check_lora_config
 from .errors import GoraDataError
 from .estimation import EstimationRun, LossFn, accumulation_device, model_device, run_estimation
 from .gamma_search import search_gamma
@@ -51,14 +51,14 @@ def estimate_gora(
         A ``GoraState`` (ranks, importances, A and C per layer). Afterwards the model is exactly as
         before: weights bit-identical, ``requires_grad`` flags, train/eval modes and ``.grad`` restored.
     """
-    config = GoraConfig() if gora_config is None else gora_config
-    if not isinstance(config, GoraConfig):
-        raise TypeError(f"gora_config must be a GoraConfig, got {type(config).__name__}.")
-    if not isinstance(lora_config, LoraConfig):
-        raise TypeError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}.")
+    config = check_gora_config(gora_config)
+    check_lora_config(lora_config)
     if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
         raise GoraDataError(f"batches must be an iterable of batches (a DataLoader, list, generator), "
                             f"got {type(batches).__name__}.")
+    if isinstance(batches, Mapping):
+        raise GoraDataError("batches is a single batch (a dict); pass an iterable of batches, e.g. a list of "
+                            f"{config.num_steps} dicts or a DataLoader.")
     _check_length(batches, config)
     min_rank, max_rank = config.rank_bounds(lora_config.r)
     base = unwrap_model(model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import re
 import weakref
@@ -23,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_directory
-from .errors import GoraStateError, GoraTargetError, GoraUnsupportedError
+from .config import check_lora_config
+from .errors import GoraStateError, GoraTargetError, GoraTypeError, GoraUnsupportedError
 from .initialization import b_from_c
 from .state import GoraState
 from .targets import _describe, unwrap_model
@@ -115,8 +117,10 @@ def apply_gora(
     Raises:
         GoraStateError: the state does not fit the model (checked before the model is touched).
     """
-    if not isinstance(lora_config, LoraConfig):
-        raise TypeError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}.")
+    check_lora_config(lora_config)
+    if not isinstance(state, GoraState):
+        raise GoraTypeError(f"state must be a GoraState, got {type(state).__name__}; "
+                            "load a saved one with GoraState.load(directory).")
     if isinstance(model, PeftModel):
         raise GoraTargetError("model is already a PeftModel; pass the base model (peft_model.get_base_model() "
                               "after unloading its adapters, or a freshly loaded model).")
@@ -127,22 +131,44 @@ def apply_gora(
     base = unwrap_model(model)
     check_state_fits(base, state)
     gamma = state.gamma if gamma is None else float(gamma)
-    if gamma < 0:
-        raise GoraStateError(f"gamma must be >= 0, got {gamma}.")
+    if not math.isfinite(gamma) or gamma < 0:
+        raise GoraStateError(f"gamma must be a finite number >= 0, got {gamma}.")
     if lora_config.r != state.reference_rank:
         logger.warning("LoraConfig.r=%d differs from the state's reference rank %d; the state's ranks are used.",
                        lora_config.r, state.reference_rank)
     alpha = float(lora_config.lora_alpha)
     weights = {n: (state.A[n], b_from_c(state.C[n], gamma, state.shapes[n][1], alpha)) for n in state.adapted}
     config = native_lora_config(lora_config, state, base)
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    restore = _snapshot(model)
     try:
+        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
         _copy_adapter_weights(peft_model, weights, adapter_name)
     except BaseException:
-        peft_model.unload()  # put the user's model back as it was
+        restore()  # put the user's model back as it was (PEFT's unload keeps modules_to_save copies)
         raise
     _STATES[peft_model] = state
     return peft_model
+
+
+def _snapshot(model: nn.Module):
+    """A function that undoes get_peft_model's in-place surgery: child modules, attributes it adds
+    (``peft_config``), requires_grad flags and train/eval modes."""
+    children = [(module, dict(module._modules), set(vars(module))) for module in model.modules()]
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    modes = [(module, module.training) for module in model.modules()]
+
+    def restore() -> None:
+        for module, saved, attributes in children:
+            module._modules.clear()
+            module._modules.update(saved)
+            for added in set(vars(module)) - attributes:
+                delattr(module, added)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        for module, mode in modes:
+            module.training = mode
+
+    return restore
 
 
 def _copy_adapter_weights(peft_model: PeftModel, weights: dict, adapter_name: str) -> None:
