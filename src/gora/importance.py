@@ -55,7 +55,15 @@ def normalise(importance: Mapping[str, float]) -> dict[str, float]:
             f"importance of {bad[:5]} is not a finite non-negative number ({[importance[n] for n in bad[:5]]}); "
             "the gradients are damaged: check the loss and the model's dtype (fp16 overflow), or use fp32."
         )
-    total = math.fsum(float(importance[n]) for n in names)
+    try:
+        total = math.fsum(float(importance[n]) for n in names)
+    except OverflowError:
+        total = math.inf
+    if not math.isfinite(total):
+        raise GoraNumericalError(
+            f"the importance scores sum beyond float64 (largest {max(importance.values()):.3g}); "
+            "they cannot come from finite gradients: check the loss and the gradients, or rescale the scores."
+        )
     if total <= 0.0:
         raise GoraNumericalError(
             "every layer's importance is zero (no gradient reached the targets); "
