@@ -1,0 +1,226 @@
+"""GoRA under torch.distributed: 2 gloo processes on CPU.
+
+DDP: each process estimates on its own shard; the state must be identical on both ranks and equal to
+one process over all batches with num_steps = 2·N. FSDP/ZeRO-3 path: estimate once, save, every rank
+calls apply_gora(GoraState.load(dir)) and gets identical adapters, also through a real FSDP2
+``fully_shard`` training step.
+
+The module runs itself as the launcher: ``python test_distributed.py WORKDIR`` spawns the two ranks,
+which write their results under WORKDIR for the tests to compare.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+TESTS_DIR = Path(__file__).resolve().parents[1]
+if str(TESTS_DIR) not in sys.path:  # the spawned ranks import the shared fixtures too
+    sys.path.insert(0, str(TESTS_DIR))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from conftest import _bert_config, make_bert_batches  # noqa: E402
+
+WORLD = 2
+STEPS = 3  # per process
+ADAPTIVE = dict(num_steps=10, adaptive_steps=True, min_steps=2, convergence_threshold=0.3, show_progress=False)
+
+
+def _lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"])
+
+
+def _tiny_bert():
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(_bert_config()).eval()
+
+
+def _all_batches():
+    return make_bert_batches(WORLD * STEPS, seed=0)
+
+
+def _adaptive_shard(rank: int) -> list[dict]:
+    """Rank 0 repeats one batch (its importance converges at min_steps); rank 1's varied batches take longer."""
+    if rank == 0:
+        return make_bert_batches(1, seed=2) * ADAPTIVE["num_steps"]
+    return make_bert_batches(ADAPTIVE["num_steps"], seed=1)
+
+
+# -- the two ranks ---------------------------------------------------------------------------------
+def _rank_main(rank: int, port: int, workdir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=120))
+    try:
+        _ddp_estimation(rank, Path(workdir))
+        _fsdp_apply(rank, Path(workdir))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_estimation(rank: int, workdir: Path) -> None:
+    from gora import GoraConfig, estimate_gora
+
+    shard = _all_batches()[rank * STEPS:(rank + 1) * STEPS]
+    for name, extra in (("ddp", {}), ("ddp_sketch", {"estimator": "sketch", "importance": "frobenius"})):
+        config = GoraConfig(num_steps=STEPS, show_progress=False, **extra)
+        estimate_gora(_tiny_bert(), _lora_config(), shard, gora_config=config).save(workdir / name / f"rank{rank}")
+    state = estimate_gora(_tiny_bert(), _lora_config(), _adaptive_shard(rank), gora_config=GoraConfig(**ADAPTIVE))
+    state.save(workdir / "adaptive" / f"rank{rank}")
+
+
+def _fsdp_apply(rank: int, workdir: Path) -> None:
+    """Each training rank loads the state estimated once by the parent, applies it, then trains with FSDP2."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from torch.distributed.fsdp import fully_shard
+
+    from gora import GoraState, apply_gora
+
+    peft_model = apply_gora(_tiny_bert(), _lora_config(), GoraState.load(workdir / "single"))
+    (workdir / "fsdp").mkdir(exist_ok=True)
+    weights = {k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    save_file(weights, str(workdir / "fsdp" / f"rank{rank}.safetensors"))
+
+    for layer in peft_model.base_model.model.bert.encoder.layer:
+        fully_shard(layer)
+    fully_shard(peft_model)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    peft_model(**make_bert_batches(1, seed=10 + rank)[0]).loss.backward()  # a different batch per rank
+    optimizer.step()
+    trained = {n: p.full_tensor().detach().contiguous() for n, p in peft_model.named_parameters() if "lora_" in n}
+    save_file(trained, str(workdir / "fsdp" / f"trained{rank}.safetensors"))
+
+
+def _launch(workdir: str) -> None:
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank_main, args=(port, workdir), nprocs=WORLD)
+
+
+if __name__ == "__main__":
+    _launch(sys.argv[1])
+
+
+# -- the tests -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Parent-side single-process references, then one 2-rank gloo launch that writes every rank's results."""
+    from gora import GoraConfig, estimate_gora
+
+    workdir = tmp_path_factory.mktemp("distributed")
+    single = estimate_gora(_tiny_bert(), _lora_config(), _all_batches(),
+                           gora_config=GoraConfig(num_steps=WORLD * STEPS, show_progress=False))
+    single.save(workdir / "single")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, __file__, str(workdir)], env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir
+
+
+def _load_ranks(workdir: Path, name: str):
+    from gora import GoraState
+
+    return [GoraState.load(workdir / name / f"rank{rank}") for rank in range(WORLD)]
+
+
+def _assert_same_state(first, second) -> None:
+    assert first.ranks == second.ranks
+    assert first.importance == second.importance
+    assert first.skipped == second.skipped
+    assert (first.num_steps, first.num_samples) == (second.num_steps, second.num_samples)
+    assert sorted(first.A) == sorted(second.A)
+    for name in first.A:
+        assert torch.equal(first.A[name], second.A[name]), name
+        assert torch.equal(first.C[name], second.C[name]), name
+
+
+def _assert_matches_single(ddp, single) -> None:
+    assert ddp.ranks == single.ranks
+    assert ddp.num_steps == single.num_steps == WORLD * STEPS
+    assert ddp.num_samples == single.num_samples
+    for name in single.A:
+        assert torch.equal(ddp.A[name], single.A[name]), name
+        scale = single.C[name].abs().max()
+        torch.testing.assert_close(ddp.C[name], single.C[name], rtol=1e-4, atol=1e-5 * float(scale))
+    for name, value in single.importance.items():
+        assert ddp.importance[name] == pytest.approx(value, rel=1e-4)
+
+
+def test_ddp_ranks_end_with_bit_identical_states(runs):
+    rank0, rank1 = _load_ranks(runs, "ddp")
+    _assert_same_state(rank0, rank1)
+    assert len(set(rank0.ranks.values())) > 1  # a real allocation, not one rank everywhere
+
+
+def test_ddp_state_equals_one_process_over_all_batches(runs):
+    from gora import GoraState
+
+    _assert_matches_single(_load_ranks(runs, "ddp")[0], GoraState.load(runs / "single"))
+
+
+def test_ddp_sketch_estimator_equals_one_process_over_all_batches(runs):
+    from gora import GoraConfig, estimate_gora
+
+    rank0, rank1 = _load_ranks(runs, "ddp_sketch")
+    _assert_same_state(rank0, rank1)
+    config = GoraConfig(num_steps=WORLD * STEPS, estimator="sketch", importance="frobenius", show_progress=False)
+    _assert_matches_single(rank0, estimate_gora(_tiny_bert(), _lora_config(), _all_batches(), gora_config=config))
+
+
+def test_adaptive_steps_under_ddp_stop_together_when_the_slowest_rank_converges(runs):
+    from gora import GoraConfig, estimate_gora
+
+    alone = [estimate_gora(_tiny_bert(), _lora_config(), _adaptive_shard(rank), gora_config=GoraConfig(**ADAPTIVE))
+             for rank in range(WORLD)]
+    stops_alone = [state.notes["adaptive_steps_stopped_at"] for state in alone]
+    assert stops_alone[0] == ADAPTIVE["min_steps"] < stops_alone[1] < ADAPTIVE["num_steps"]  # the setup is meaningful
+
+    rank0, rank1 = _load_ranks(runs, "adaptive")
+    assert rank0.notes["adaptive_steps_stopped_at"] == rank1.notes["adaptive_steps_stopped_at"] == stops_alone[1]
+    assert rank0.num_steps == rank1.num_steps == WORLD * stops_alone[1]
+    _assert_same_state(rank0, rank1)
+
+
+def test_fsdp_path_gives_every_rank_the_adapter_of_the_saved_state(runs):
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from gora import GoraState, apply_gora
+
+    reference = get_peft_model_state_dict(apply_gora(_tiny_bert(), _lora_config(), GoraState.load(runs / "single")))
+    per_rank = [load_file(str(runs / "fsdp" / f"rank{rank}.safetensors")) for rank in range(WORLD)]
+    assert sorted(per_rank[0]) == sorted(per_rank[1]) == sorted(reference)
+    for key, value in reference.items():
+        assert torch.equal(per_rank[0][key], per_rank[1][key]), key
+        assert torch.equal(per_rank[0][key], value), key
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in reference.items())  # B is GoRA's, not 0
+
+
+def test_fully_shard_training_step_keeps_adapters_identical_across_ranks(runs):
+    from safetensors.torch import load_file
+
+    trained = [load_file(str(runs / "fsdp" / f"trained{rank}.safetensors")) for rank in range(WORLD)]
+    initial = load_file(str(runs / "fsdp" / "rank0.safetensors"))
+    assert sorted(trained[0]) == sorted(trained[1]) and trained[0]
+    for key in trained[0]:
+        assert torch.equal(trained[0][key], trained[1][key]), key
+    moved = [k for k in trained[0] if not torch.equal(trained[0][k], initial[k.replace(".default.", ".")])]
+    assert moved, "the FSDP step did not update the adapters"
