@@ -1,0 +1,306 @@
+"""GoraState on disk: round trip, atomic saves, interrupted saves, damaged and foreign files."""
+
+import json
+import os
+import pathlib
+
+import pytest
+import torch
+
+import gora.atomic
+import gora.state
+from gora import GoraState
+from gora.errors import GoraStateError
+from gora.state import META_FILE, TENSOR_FILE
+
+
+def make_state(seed: int = 0, gamma: float = 0.05) -> GoraState:
+    """A small consistent state: two adapted layers and one left out (rank 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"enc.0.q": (6, 4), "enc.0.v": (5, 4), "enc.1.q": (6, 4)}
+    ranks = {"enc.0.q": 2, "enc.0.v": 3, "enc.1.q": 0}
+    return GoraState(
+        ranks=ranks, importance={"enc.0.q": 0.25, "enc.0.v": 0.75}, shapes=shapes,
+        A={n: torch.rand(r, shapes[n][1], generator=generator) for n, r in ranks.items() if r},
+        C={n: torch.randn(shapes[n][0], r, generator=generator) for n, r in ranks.items() if r},
+        skipped={"enc.1.q": "no gradient"}, reference_rank=2, lora_alpha=4.0, gamma=gamma, seed=seed,
+        config={"num_steps": 3, "extra": {"run": "unit"}}, num_steps=3, num_samples=12, budget=40,
+        actual_params=41, versions={"torch": torch.__version__}, model_class="Tiny", notes={"fp16": False},
+    )
+
+
+def assert_same_state(loaded: GoraState, original: GoraState) -> None:
+    for field in ("ranks", "importance", "shapes", "skipped", "reference_rank", "lora_alpha", "gamma", "seed",
+                  "config", "num_steps", "num_samples", "budget", "actual_params", "versions", "model_class", "notes"):
+        assert getattr(loaded, field) == getattr(original, field), field
+    assert set(loaded.A) == set(original.A) and set(loaded.C) == set(original.C)
+    for name in original.A:
+        assert torch.equal(loaded.A[name], original.A[name]) and torch.equal(loaded.C[name], original.C[name])
+
+
+def leftovers(directory: pathlib.Path) -> list[str]:
+    """Temporary or backup directories a save may leave next to its target."""
+    return sorted(p.name for p in directory.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+# -- round trip ---------------------------------------------------------------------------------
+def test_saved_state_loads_back_identical(tmp_path):
+    state = make_state()
+    state.save(tmp_path / "state")
+    assert sorted(os.listdir(tmp_path / "state")) == [META_FILE, TENSOR_FILE]
+    assert_same_state(GoraState.load(tmp_path / "state"), state)
+
+
+def test_saving_again_replaces_the_previous_state_and_leaves_nothing_behind(tmp_path):
+    make_state(seed=0).save(tmp_path / "state")
+    newer = make_state(seed=1, gamma=0.01)
+    newer.save(tmp_path / "state")
+    assert_same_state(GoraState.load(tmp_path / "state"), newer)
+    assert leftovers(tmp_path) == []
+
+
+def test_reformatted_json_with_the_same_content_still_loads(tmp_path):
+    state = make_state()
+    state.save(tmp_path / "state")
+    meta_path = tmp_path / "state" / META_FILE
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(dict(reversed(list(meta.items())))))  # other key order, no indentation
+    assert_same_state(GoraState.load(tmp_path / "state"), state)
+
+
+# -- interrupted saves ---------------------------------------------------------------------------
+def _half_written_tensors(monkeypatch, error: BaseException):
+    real = gora.state.save_file
+
+    def save_file_then_fail(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        size = os.path.getsize(filename)
+        with open(filename, "r+b") as handle:
+            handle.truncate(size // 2)  # the disk filled up half way
+        raise error
+
+    monkeypatch.setattr(gora.state, "save_file", save_file_then_fail)
+
+
+def _half_written_json(monkeypatch, error: BaseException):
+    real = pathlib.Path.write_text
+
+    def write_half_then_fail(self, data, *args, **kwargs):
+        if self.name == META_FILE:
+            real(self, data[: len(data) // 2], *args, **kwargs)
+            raise error
+        return real(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_half_then_fail)
+
+
+INTERRUPTIONS = {
+    "tensor file, disk full": (_half_written_tensors, OSError(28, "No space left on device")),
+    "tensor file, Ctrl-C": (_half_written_tensors, KeyboardInterrupt()),
+    "json file, disk full": (_half_written_json, OSError(28, "No space left on device")),
+    "json file, Ctrl-C": (_half_written_json, KeyboardInterrupt()),
+}
+
+
+@pytest.mark.parametrize("break_save, error", INTERRUPTIONS.values(), ids=INTERRUPTIONS.keys())
+def test_interrupted_first_save_leaves_no_state_at_all(tmp_path, monkeypatch, break_save, error):
+    break_save(monkeypatch, error)
+    with pytest.raises(type(error)):
+        make_state().save(tmp_path / "state")
+    monkeypatch.undo()
+    assert not (tmp_path / "state").exists()
+    assert leftovers(tmp_path) == []
+    with pytest.raises(GoraStateError, match="does not exist"):
+        GoraState.load(tmp_path / "state")
+
+
+@pytest.mark.parametrize("break_save, error", INTERRUPTIONS.values(), ids=INTERRUPTIONS.keys())
+def test_interrupted_save_keeps_the_previous_state_intact(tmp_path, monkeypatch, break_save, error):
+    previous = make_state(seed=0)
+    previous.save(tmp_path / "state")
+    before = {name: (tmp_path / "state" / name).read_bytes() for name in (META_FILE, TENSOR_FILE)}
+    break_save(monkeypatch, error)
+    with pytest.raises(type(error)):
+        make_state(seed=1).save(tmp_path / "state")
+    monkeypatch.undo()
+    assert {name: (tmp_path / "state" / name).read_bytes() for name in (META_FILE, TENSOR_FILE)} == before
+    assert_same_state(GoraState.load(tmp_path / "state"), previous)
+    assert leftovers(tmp_path) == []
+
+
+def test_interrupt_between_the_two_renames_puts_the_previous_state_back(tmp_path, monkeypatch):
+    previous = make_state(seed=0)
+    previous.save(tmp_path / "state")
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # final -> .old done; .tmp -> final interrupted
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(gora.atomic.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        make_state(seed=1).save(tmp_path / "state")
+    monkeypatch.undo()
+    assert len(calls) == 3  # the third call moved the previous state back
+    assert_same_state(GoraState.load(tmp_path / "state"), previous)
+    assert leftovers(tmp_path) == []
+
+
+def test_a_process_killed_between_the_renames_is_reported_with_the_backup_to_restore(tmp_path):
+    make_state().save(tmp_path / "state")
+    os.replace(tmp_path / "state", tmp_path / ".state.old-1234abcd")  # what SIGKILL at that instant leaves
+    with pytest.raises(GoraStateError, match=r"interrupted.*\.state\.old-1234abcd: rename it"):
+        GoraState.load(tmp_path / "state")
+
+
+# -- refusing to destroy what is not ours --------------------------------------------------------
+def test_save_refuses_to_replace_a_directory_with_other_content(tmp_path):
+    target = tmp_path / "project"
+    target.mkdir()
+    (target / "train.py").write_text("print('precious')")
+    with pytest.raises(GoraStateError, match="refusing to replace .* train.py"):
+        make_state().save(target)
+    assert (target / "train.py").read_text() == "print('precious')"
+    assert leftovers(tmp_path) == []
+
+
+def test_save_refuses_a_path_that_is_a_file(tmp_path):
+    target = tmp_path / "state"
+    target.write_text("notes")
+    with pytest.raises(GoraStateError, match="is a file, not a directory"):
+        make_state().save(target)
+    assert target.read_text() == "notes"
+
+
+def test_save_into_an_existing_empty_directory_works(tmp_path):
+    (tmp_path / "state").mkdir()
+    make_state().save(tmp_path / "state")
+    assert_same_state(GoraState.load(tmp_path / "state"), make_state())
+
+
+# -- what save refuses before writing anything ----------------------------------------------------
+def _bad_states():
+    wrong_a = make_state()
+    wrong_a.A["enc.0.q"] = torch.zeros(3, 4)
+    missing_c = make_state()
+    del missing_c.C["enc.0.v"]
+    nan_c = make_state()
+    nan_c.C["enc.0.q"][0, 0] = float("nan")
+    negative = make_state()
+    negative.ranks["enc.1.q"] = -1
+    no_shape = make_state()
+    del no_shape.shapes["enc.0.v"]
+    bad_gamma = make_state(gamma=float("nan"))
+    float_rank = make_state()
+    float_rank.ranks["enc.0.q"] = 2.0
+    return {
+        "A of the wrong shape": (wrong_a, r"enc.0.q: A \(3, 4\)"),
+        "C missing": (missing_c, "enc.0.v: missing A or C"),
+        "NaN in C": (nan_c, "enc.0.q: non-finite values"),
+        "negative rank": (negative, "enc.1.q: negative rank -1"),
+        "no shape": (no_shape, r"enc.0.v: no \(out, in\) shape"),
+        "NaN gamma": (bad_gamma, "gamma nan is not a finite number"),
+        "float rank": (float_rank, "enc.0.q: rank 2.0 is not an integer"),
+    }
+
+
+@pytest.mark.parametrize("state, message", _bad_states().values(), ids=_bad_states().keys())
+def test_inconsistent_state_is_refused_before_anything_is_written(tmp_path, state, message):
+    with pytest.raises(GoraStateError, match=message):
+        state.save(tmp_path / "state")
+    assert os.listdir(tmp_path) == []
+
+
+def test_notes_that_are_not_json_are_refused_before_anything_is_written(tmp_path):
+    state = make_state()
+    state.notes["tensor"] = torch.zeros(2)
+    with pytest.raises(GoraStateError, match="cannot be written as JSON"):
+        state.save(tmp_path / "state")
+    assert os.listdir(tmp_path) == []
+
+
+# -- damaged, missing and foreign files -----------------------------------------------------------
+@pytest.fixture
+def saved(tmp_path):
+    make_state().save(tmp_path / "state")
+    return tmp_path / "state"
+
+
+def test_missing_directory_is_reported(tmp_path):
+    with pytest.raises(GoraStateError, match="does not exist.*state.save"):
+        GoraState.load(tmp_path / "nowhere")
+
+
+def test_a_file_instead_of_a_directory_is_reported(tmp_path):
+    (tmp_path / "state").write_text("{}")
+    with pytest.raises(GoraStateError, match="is a file, not a directory"):
+        GoraState.load(tmp_path / "state")
+
+
+@pytest.mark.parametrize("name, message", [(META_FILE, "gora_state.json is missing"),
+                                           (TENSOR_FILE, "gora_state.safetensors is missing")])
+def test_a_missing_file_is_reported(saved, name, message):
+    (saved / name).unlink()
+    with pytest.raises(GoraStateError, match=message):
+        GoraState.load(saved)
+
+
+def test_truncated_tensor_file_is_detected_by_size(saved):
+    data = (saved / TENSOR_FILE).read_bytes()
+    (saved / TENSOR_FILE).write_bytes(data[:-7])
+    with pytest.raises(GoraStateError, match="truncated or corrupted"):
+        GoraState.load(saved)
+
+
+def test_one_flipped_bit_in_the_tensors_is_detected_by_checksum(saved):
+    data = bytearray((saved / TENSOR_FILE).read_bytes())
+    data[-3] ^= 0x01  # inside the last fp32 value: still a valid safetensors file, same size
+    (saved / TENSOR_FILE).write_bytes(bytes(data))
+    with pytest.raises(GoraStateError, match="does not match its size and checksum"):
+        GoraState.load(saved)
+
+
+def test_an_edited_value_in_the_json_is_detected_by_its_checksum(saved):
+    meta = json.loads((saved / META_FILE).read_text())
+    meta["gamma"] = 0.5  # valid JSON, plausible value, but not what was estimated
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(GoraStateError, match="does not match its own checksum"):
+        GoraState.load(saved)
+
+
+def test_truncated_json_is_reported(saved):
+    text = (saved / META_FILE).read_text()
+    (saved / META_FILE).write_text(text[: len(text) // 3])
+    with pytest.raises(GoraStateError, match="cannot be read as JSON"):
+        GoraState.load(saved)
+
+
+def test_files_from_two_different_states_are_not_mixed(tmp_path):
+    make_state(seed=0).save(tmp_path / "a")
+    make_state(seed=1).save(tmp_path / "b")
+    os.replace(tmp_path / "b" / TENSOR_FILE, tmp_path / "a" / TENSOR_FILE)
+    with pytest.raises(GoraStateError, match="checksum"):
+        GoraState.load(tmp_path / "a")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta: meta.update(format_version=99), "format version 99"),
+    (lambda meta: meta.update(format="adapter"), "not a GoRA state file"),
+    (lambda meta: meta.pop("tensors_sha256"), "lacks 'tensors_sha256'"),
+])
+def test_foreign_or_future_json_is_refused(saved, edit, message):
+    meta = json.loads((saved / META_FILE).read_text())
+    edit(meta)
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(GoraStateError, match=message):
+        GoraState.load(saved)
+
+
+def test_a_peft_adapter_directory_is_not_taken_for_a_state(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    with pytest.raises(GoraStateError, match="not a GoRA state directory"):
+        GoraState.load(tmp_path / "adapter")
