@@ -3,21 +3,43 @@
 One ``register_post_accumulate_grad_hook`` per target weight fires once ``.grad`` is complete,
 adds it into an fp32 accumulator and drops it (``p.grad = None``). Backward produces gradients
 layer by layer, so about one full weight gradient is alive at a time, and the last-computed layer
-is caught like the others (the official code's pre-accumulation hooks lose it).
+is caught like the others (the official code's pre-accumulation hooks lose it). No hook ever
+sweeps the other parameters.
+
+Where the sums live:
+
+- on the model's device (default when 4 B per target parameter fits): one fp32 add per hook;
+- CUDA model, CPU sums (``offload``): the hook copies the gradient, in its own dtype, into a
+  pinned staging buffer without blocking and a worker thread adds it into the CPU sum once the
+  copy's event has fired, so backward keeps running while the host adds;
+- sketch path: per hook ``S += G Aᵀ`` and ``F += (W ⊙ G) Ω`` in row blocks of at most
+  ``SKETCH_BLOCK_ELEMENTS`` entries, so the fp32 temporaries stay small next to the gradient.
 
 Inside the ``with`` block only target weights require grad; on exit every ``requires_grad`` flag,
 ``.grad``, module mode and hook is restored, also after an exception or ``KeyboardInterrupt``.
-The weights themselves are never written.
+The weights themselves are never written. ``GradientCheckpointing`` does the same for the
+model's own gradient checkpointing.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .errors import GoraUnsupportedError
 from .targets import TargetLayer
+
+logger = logging.getLogger(__name__)
+
+SKETCH_BLOCK_ELEMENTS = 1 << 22
+"""Largest fp32 temporary of the sketch hook (16 MiB): rows of G are projected in blocks of this many entries."""
+STAGING_BUFFERS = 3
+"""Pinned staging buffers of the CUDA → CPU offload (copies in flight while the host adds)."""
 
 
 @dataclass
@@ -73,6 +95,7 @@ class GradientAccumulator:
         self._saved_flags: list[tuple[nn.Parameter, bool]] = []
         self._saved_grads: list[tuple[nn.Parameter, Tensor | None]] = []
         self._saved_modes: list[tuple[nn.Module, bool]] = []
+        self._offload: PinnedOffload | None = None
 
     # -- context management ---------------------------------------------------------------
     def __enter__(self) -> "GradientAccumulator":
@@ -88,15 +111,24 @@ class GradientAccumulator:
                 self._handles.append(target.weight.register_post_accumulate_grad_hook(self._make_hook(target)))
             if self.train_mode:
                 self.model.train()
+            if self.sketch is None and self.device.type == "cpu" and any(t.weight.is_cuda for t in self.targets):
+                self._offload = PinnedOffload(max(t.in_features * t.out_features for t in self.targets))
         except BaseException:
             self._restore()
             raise
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self._restore()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        try:
+            if exc_type is None:
+                self.synchronize()  # the last host adds, and any error they raised
+        finally:
+            self._restore()
 
     def _restore(self) -> None:
+        if self._offload is not None:
+            self._offload.close()
+            self._offload = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -106,6 +138,11 @@ class GradientAccumulator:
             param.grad = grad
         for module, mode in self._saved_modes:
             module.training = mode
+
+    def synchronize(self) -> None:
+        """Wait until every gradient handed to the offload worker is in its sum (no-op otherwise)."""
+        if self._offload is not None:
+            self._offload.drain()
 
     # -- steps ------------------------------------------------------------------------------
     def begin_step(self, scale: float = 1.0, redo: bool = False) -> None:
@@ -117,15 +154,15 @@ class GradientAccumulator:
         self._finite_flags = []
         self._nonfinite = []
 
-    def end_step(self) -> list[str]:
-        """Names of layers whose gradient was NaN/Inf in this step (one device sync at most)."""
-        if self._finite_flags:
-            flags = torch.stack([flag for _, flag in self._finite_flags])
-            if not bool(flags.all()):
-                self._nonfinite += [name for (name, _), ok in zip(self._finite_flags, flags.tolist()) if not ok]
+    def end_step(self, extra_flags: list[Tensor] | None = None) -> tuple[list[str], list[bool]]:
+        """(layers whose gradient was NaN/Inf in this step, the values of ``extra_flags``): one device sync at most."""
+        flags = [flag for _, flag in self._finite_flags] + list(extra_flags or [])
+        values = torch.stack(flags).tolist() if flags else []
+        layer_values, extra_values = values[:len(self._finite_flags)], values[len(self._finite_flags):]
+        self._nonfinite += [name for (name, _), ok in zip(self._finite_flags, layer_values) if not ok]
         for target in self.targets:  # a hook that did not fire (unused layer) leaves no .grad behind
             target.weight.grad = None
-        return sorted(set(self._nonfinite))
+        return sorted(set(self._nonfinite)), [bool(v) for v in extra_values]
 
     # -- the hook ---------------------------------------------------------------------------
     def _make_hook(self, target: TargetLayer):
@@ -142,27 +179,196 @@ class GradientAccumulator:
                 if not bool(torch.isfinite(grad).all()):
                     self._nonfinite.append(name)
                     return
-            else:  # one fused reduction, checked once per step in end_step
-                self._finite_flags.append((name, torch.isfinite(grad.sum())))
-            self._accumulate(name, target, grad)
+            finite = self._accumulate(name, target, grad)
+            if not self.check_each_hook:  # a device flag, read once per step in end_step (no sync here)
+                self._finite_flags.append((name, finite))
             self._added.add(name)
 
         return hook
 
-    def _accumulate(self, name: str, target: TargetLayer, grad: Tensor) -> None:
+    def _accumulate(self, name: str, target: TargetLayer, grad: Tensor) -> Tensor:
+        """Add one gradient into the layer's sums; returns a 0-dim bool tensor: was it finite?"""
         sums = self.sums[name]
-        inv_scale = 1.0 / self.scale
-        if self.sketch is None:
-            if grad.device != self.device:
-                grad = grad.to(self.device)  # offload: copy in the parameter dtype (half the bytes of fp32)
-            if sums.grad is None:
-                sums.grad = torch.zeros(grad.shape, dtype=torch.float32, device=self.device)
-            sums.grad.add_(grad, alpha=inv_scale)  # computed in fp32, the accumulator's dtype
-        else:
-            ops = self.sketch[name]
-            grad32 = grad.to(ops.a_max_t.device, torch.float32) * inv_scale
-            proj = grad32 @ ops.a_max_t
-            frob = (grad32.mul_(target.weight_out_in().to(grad32.device, torch.float32))) @ ops.omega
-            sums.proj = proj if sums.proj is None else sums.proj.add_(proj)
-            sums.frob = frob if sums.frob is None else sums.frob.add_(frob)
         sums.count += 1
+        if self.sketch is not None:
+            return self._accumulate_sketch(sums, self.sketch[name], target, grad)
+        finite = torch.isfinite(grad.sum())  # one reduction; NaN/Inf anywhere makes the sum non-finite
+        inv_scale = 1.0 / self.scale
+        if self._offload is not None:
+            if sums.grad is None:
+                sums.grad = torch.zeros(grad.shape, dtype=torch.float32)
+            self._offload.add(sums.grad, grad, inv_scale)
+        elif sums.grad is None:  # first step: the sum is a fp32 copy (0 + x = x exactly)
+            sums.grad = grad.to(self.device, torch.float32, copy=True)
+            if inv_scale != 1.0:
+                sums.grad.mul_(inv_scale)
+        else:
+            sums.grad.add_(grad.to(self.device), alpha=inv_scale)  # computed in fp32, the accumulator's dtype
+        return finite
+
+    def _accumulate_sketch(self, sums: LayerSums, ops: SketchOperators, target: TargetLayer, grad: Tensor) -> Tensor:
+        """S += G A_maxᵀ and F += (W ⊙ G) Ω, in fp32, over row blocks of G (bounded temporaries)."""
+        device = ops.a_max_t.device
+        out_features, in_features = grad.shape
+        if sums.proj is None:
+            sums.proj = torch.zeros(out_features, ops.a_max_t.shape[1], dtype=torch.float32, device=device)
+            sums.frob = torch.zeros(out_features, ops.omega.shape[1], dtype=torch.float32, device=device)
+        weight = target.weight_out_in().detach()
+        inv_scale = 1.0 / self.scale
+        rows = max(1, SKETCH_BLOCK_ELEMENTS // max(in_features, 1))
+        for start in range(0, out_features, rows):
+            block = slice(start, start + rows)
+            g = grad[block].to(device, torch.float32)  # a view, no copy, when G is fp32 already
+            if inv_scale != 1.0:
+                g = g * inv_scale
+            sums.proj[block].addmm_(g, ops.a_max_t)
+            sums.frob[block].addmm_(torch.mul(g, weight[block].to(device)), ops.omega)  # W upcast to fp32 exactly
+        # NaN/Inf in G reaches this step's S (every entry of A_max is non-zero, and NaN·0 is NaN too): check the small
+        # projection instead of reading the whole gradient a second time.
+        return torch.isfinite(sums.proj.sum())
+
+
+class PinnedOffload:
+    """CUDA → CPU gradient sums: non-blocking copies into pinned buffers, fp32 adds on a worker thread.
+
+    ``add`` returns as soon as the copy is queued on the gradient's stream; it only waits when all
+    ``STAGING_BUFFERS`` buffers are still in flight (the host is the bottleneck then). The gradient's
+    memory may be reused by later kernels once the hook drops it: they run on the same stream, after
+    the copy. ``drain`` waits for every add and re-raises a worker error.
+    """
+
+    def __init__(self, capacity: int, buffers: int = STAGING_BUFFERS) -> None:
+        self.capacity = capacity  # entries of the largest gradient
+        self.buffers = buffers
+        self._free: dict[torch.dtype, queue.Queue] = {}
+        self._work: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="gora-offload", daemon=True)
+        self._thread.start()
+
+    def add(self, total: Tensor, grad: Tensor, alpha: float) -> None:
+        if self._error is not None:
+            self.drain()
+        free = self._free.get(grad.dtype)
+        if free is None:  # pinned buffers per gradient dtype, made once
+            free = self._free[grad.dtype] = queue.Queue()
+            for _ in range(self.buffers):
+                free.put(torch.empty(self.capacity, dtype=grad.dtype, pin_memory=True))
+        buffer = free.get()
+        staging = buffer[: grad.numel()].view(grad.shape)
+        staging.copy_(grad, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(grad.device))
+        self._work.put((event, staging, total, alpha, buffer, free))
+
+    def _run(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                self._work.task_done()
+                return
+            event, staging, total, alpha, buffer, free = item
+            try:
+                event.synchronize()
+                if self._error is None:
+                    total.add_(staging, alpha=alpha)  # fp32 sum of a bf16/fp16/fp32 gradient, on the host
+            except BaseException as err:  # noqa: BLE001 - handed to the caller in drain()
+                self._error = err
+            finally:
+                free.put(buffer)
+                self._work.task_done()
+
+    def drain(self) -> None:
+        self._work.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"adding an offloaded gradient on the host failed: {error}") from error
+
+    def close(self) -> None:
+        """Stop the worker (after the queued adds); safe to call twice."""
+        if self._thread.is_alive():
+            self._work.put(None)
+            self._thread.join()
+
+
+_CHECKPOINT_ATTRS = ("gradient_checkpointing", "_gradient_checkpointing_func", "_require_grads_hooks",
+                     "_require_grads_hook")
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+_HOOK_COMPANIONS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+class GradientCheckpointing:
+    """Context manager: the model's own gradient checkpointing during estimation, restored exactly on exit.
+
+    Calls ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})``
+    (Hugging Face models). Hugging Face blocks checkpoint only while the *block* is in train mode
+    (``GradientCheckpointingLayer.__call__`` tests ``self.training``), and models load in eval mode; so the
+    checkpointed blocks' own ``training`` flag is switched on, while their submodules (dropout, attention
+    dropout) keep their mode: estimation stays deterministic and recomputation is exact. On exit the
+    checkpointing attributes, the forward hooks ``enable_input_require_grads`` registers, and the flags are
+    put back as they were. Non-reentrant checkpointing needs no input that requires grad.
+
+    Raises:
+        GoraUnsupportedError: the model has no ``gradient_checkpointing_enable`` or does not support it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._saved_attrs: list[tuple[nn.Module, dict]] = []
+        self._saved_hooks: list[tuple[nn.Module, dict[str, set]]] = []
+        self._saved_modes: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> "GradientCheckpointing":
+        enable = getattr(self.model, "gradient_checkpointing_enable", None)
+        if not callable(enable):
+            raise GoraUnsupportedError(
+                f"gradient_checkpointing=True needs a model with gradient_checkpointing_enable() (a transformers "
+                f"PreTrainedModel); {type(self.model).__name__} has none. Set GoraConfig(gradient_checkpointing="
+                "False), or checkpoint inside loss_fn with torch.utils.checkpoint."
+            )
+        modules = list(self.model.modules())
+        self._saved_attrs = [(m, {a: m.__dict__[a] for a in _CHECKPOINT_ATTRS if a in m.__dict__}) for m in modules]
+        self._saved_hooks = [(m, {d: set(getattr(m, d)) for d in _HOOK_DICTS}) for m in modules]
+        self._saved_modes = [(m, m.training) for m in modules]
+        try:
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            switched = self._switch_blocks_to_train(modules)
+        except BaseException as err:
+            self._restore()
+            if isinstance(err, ValueError):  # transformers: "... does not support gradient checkpointing"
+                raise GoraUnsupportedError(f"{err} Set GoraConfig(gradient_checkpointing=False).") from err
+            raise
+        if not switched:
+            logger.warning("gradient_checkpointing=True: %s has no checkpointing blocks that act in eval mode; "
+                           "checkpointing only acts in train mode (GoraConfig(train_mode=True)).",
+                           type(self.model).__name__)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
+
+    @staticmethod
+    def _switch_blocks_to_train(modules: list[nn.Module]) -> int:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        blocks = [m for m in modules if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+        for block in blocks:
+            block.training = True  # the block's own flag only; its children keep their mode
+        return len(blocks)
+
+    def _restore(self) -> None:
+        for module, hooks in self._saved_hooks:
+            for dict_name, kept in hooks.items():
+                for key in set(getattr(module, dict_name)) - kept:
+                    getattr(module, dict_name).pop(key, None)
+                    for companion in _HOOK_COMPANIONS:
+                        getattr(module, companion, {}).pop(key, None)
+        for module, attrs in self._saved_attrs:
+            for name in _CHECKPOINT_ATTRS:
+                if name in attrs:
+                    module.__dict__[name] = attrs[name]
+                elif name in module.__dict__:
+                    del module.__dict__[name]
+        for module, mode in self._saved_modes:
+            module.training = mode
+        self._saved_hooks, self._saved_attrs, self._saved_modes = [], [], []

@@ -6,6 +6,7 @@ import logging
 import resource
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,11 +15,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .accumulate import GradientAccumulator, LayerSums, SketchOperators
+from .accumulate import GradientAccumulator, GradientCheckpointing, LayerSums, SketchOperators
 from .config import GoraConfig
 from .errors import GoraDataError, GoraNumericalError
 from .importance import IMPORTANCE_FNS, frobenius_from_sketch
-from .targets import TargetLayer
+from .targets import TargetLayer, unwrap_model
 
 logger = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -102,7 +103,12 @@ def compute_loss_no_grad(model: nn.Module, batch: Any, loss_fn: LossFn | None) -
 
 
 def accumulation_device(targets: list[TargetLayer], device: torch.device, config: GoraConfig) -> torch.device:
-    """The model's device if fp32 sums (4 B per target parameter, or the sketch) fit there; else CPU."""
+    """Where the fp32 sums live: the model's device when they fit there, else the CPU (``offload``).
+
+    The sketch path's sums are O(r_max·(in+out)) per layer and always fit. The full path needs 4 B per target
+    parameter; on CUDA it stays on the device if that is at most half of the memory still usable there (free
+    memory plus what the caching allocator holds unused), leaving the rest for activations.
+    """
     if config.offload is True or device.type == "cpu":
         return torch.device("cpu")
     if config.offload is False or config.estimator == "sketch":
@@ -110,24 +116,38 @@ def accumulation_device(targets: list[TargetLayer], device: torch.device, config
     needed = 4 * sum(t.in_features * t.out_features for t in targets)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return device if needed < 0.5 * free else torch.device("cpu")  # leave room for activations
+        usable = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if needed <= 0.5 * usable:
+            return device
+        logger.info("fp32 sums need %.2f GiB, more than half of the %.2f GiB usable on %s: offloading them to "
+                    "the CPU (pinned, non-blocking copies)", needed / 2**30, usable / 2**30, device)
+        return torch.device("cpu")
     return device
 
 
+def _loss_error(step: int, value: float) -> GoraNumericalError:
+    return GoraNumericalError(
+        f"the loss at estimation step {step} is {value}; check that batch (labels, masks) and the "
+        "model's dtype (fp16 overflows easily: try bf16 or fp32)."
+    )
+
+
 def _one_step(model, accumulator: GradientAccumulator, batch, loss_fn, step: int, scale: float, fp16: bool) -> float:
-    """Forward and backward of one batch; fp16: halve the loss scale and redo the missing layers on overflow."""
+    """Forward and backward of one batch; fp16: halve the loss scale and redo the missing layers on overflow.
+
+    The loss and every layer's gradient are checked for NaN/Inf with one device sync, after backward (a sync
+    between forward and backward would stall the device queue). A non-finite loss is reported as such, before
+    any gradient; the sums it touched are never used, since estimation stops with the error.
+    """
     redo = False
     while True:
         accumulator.begin_step(scale, redo=redo)
         loss = compute_loss(model, batch, loss_fn)
-        value = float(loss.detach().float())
-        if value != value or value in (float("inf"), float("-inf")):
-            raise GoraNumericalError(
-                f"the loss at estimation step {step} is {value}; check that batch (labels, masks) and the "
-                "model's dtype (fp16 overflows easily: try bf16 or fp32)."
-            )
+        loss_finite = torch.isfinite(loss.detach()).reshape(())
         (loss.float() * scale if scale != 1.0 else loss).backward()
-        bad = accumulator.end_step()
+        bad, (loss_ok,) = accumulator.end_step([loss_finite])
+        if not loss_ok:
+            raise _loss_error(step, float(loss.detach().float()))
         if not bad:
             return scale
         if not fp16:
@@ -184,8 +204,9 @@ def run_estimation(
     previous: dict[str, float] = {}
     bar = tqdm(total=config.num_steps, desc="GoRA gradient estimation", unit="step",
                disable=not config.show_progress or distributed.rank() != 0)
+    checkpointing = GradientCheckpointing(unwrap_model(model)) if config.gradient_checkpointing else nullcontext()
     with GradientAccumulator(model, targets, acc_device, sketch, config.train_mode) as accumulator, \
-            torch.enable_grad(), bar:
+            checkpointing, torch.enable_grad(), bar:
         accumulator.check_each_hook = fp16
         for step in range(config.num_steps):
             batch = next(batch_iterator, _END)
@@ -196,6 +217,7 @@ def run_estimation(
             steps, samples = steps + 1, samples + batch_size(batch)
             bar.update(1)
             if config.adaptive_steps and steps >= config.min_steps - 1:
+                accumulator.synchronize()  # offloaded sums complete before they are read
                 current = _running_importance(targets, accumulator.sums, config)
                 done = steps >= config.min_steps and _converged(previous, current, config.convergence_threshold)
                 previous = current
