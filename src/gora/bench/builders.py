@@ -178,17 +178,41 @@ def eva_layer_inputs(layer_input: Any, token_index: torch.Tensor, layer_name: st
     return x.reshape(-1, x.shape[-1]).contiguous()  # the pooler sees a strided slice; peft hashes a view
 
 
+EVA_RHO = 2.0
+EVA_MAX_PASSES = 20
+"""EVA cycles its batches until every layer's SVD converges; give up after this many passes over them."""
+
+
+def capped_forward(max_calls: int) -> Callable[[nn.Module, Batch], Any]:
+    """``model(**batch)`` that raises after ``max_calls`` calls: peft's EVA loops forever on a layer that never
+    converges (e.g. the pooler when a batch holds fewer sequences than ``r * rho``)."""
+    calls = 0
+
+    def forward(model: nn.Module, batch: Batch) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > max_calls:
+            raise RuntimeError(
+                f"EVA did not converge within {max_calls} forward passes; use larger batches "
+                f"(>= r * rho = {EVA_RHO:g} * r sequences) or more init_steps."
+            )
+        return model(**batch)
+
+    return forward
+
+
 def build_eva(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> BuiltMethod:
     """EVA (peft): SVD of layer inputs, rank redistribution at LoRA's total rank (rho 2)."""
     from peft import EvaConfig, get_peft_model, initialize_lora_eva_weights
 
     # Labels are per sequence here, not per token, so the language-modelling label mask must be off.
-    config = lora_config(cfg, init_lora_weights="eva", eva_config=EvaConfig(rho=2.0, use_label_mask=False))
+    config = lora_config(cfg, init_lora_weights="eva", eva_config=EvaConfig(rho=EVA_RHO, use_label_mask=False))
     used = list(batches[: cfg.init_steps])
     start = time.perf_counter()
     peft_model = get_peft_model(model, config)
     initialize_lora_eva_weights(
-        peft_model, dataloader=used, prepare_layer_inputs_fn=eva_layer_inputs, show_progress_bar=False
+        peft_model, dataloader=used, forward_fn=capped_forward(EVA_MAX_PASSES * len(used) + 1),
+        prepare_layer_inputs_fn=eva_layer_inputs, show_progress_bar=False,
     )
     return finish(peft_model, adamw(peft_model, cfg), init_seconds=time.perf_counter() - start,
                   ranks=adapter_ranks(peft_model))

@@ -1,0 +1,165 @@
+"""The benchmark grid: methods x tasks x ranks x seeds, resumable, with learning rates chosen on validation.
+
+For each (method, task, rank) the learning rate is picked from a small per-method grid by **validation** accuracy
+on the first seed (never test); every seed then uses it. The selection runs go to ``lr_search.json``; the run at the
+chosen rate on the first seed doubles as that seed's result. ``results.json`` is rewritten after every finished
+cell, and cells already in it are skipped, so a killed grid loses at most the cell in flight. A grid folder is tied
+to its settings (``grid_config.json``): resuming with different sizes or training settings is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from tqdm.auto import tqdm
+
+from gora.bench.builders import MethodConfig
+from gora.bench.methods import METHODS
+from gora.bench.records import LR_RUN_FIELDS, Record, append_record, cell_key, load_records
+from gora.bench.runner import CellRunner, DataConfig
+from gora.bench.train import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+LR_SEARCH_FILE = "lr_search.json"
+CONFIG_FILE = "grid_config.json"
+
+DEFAULT_LR_GRID: dict[str, tuple[float, ...]] = {
+    "full": (2e-5, 5e-5, 1e-4),
+    **{m: (2e-4, 5e-4, 1e-3) for m in ("lora", "dora", "olora", "eva", "adalora")},
+    # alpha / sqrt(r) scaling (rsLoRA, GoRA) or large initial factors (PiSSA, LoRA-GA): lower rates.
+    **{m: (1e-4, 2e-4, 5e-4) for m in ("rslora", "gora", "pissa", "loraga")},
+    # LoRA+ multiplies B's rate by 16.
+    **{m: (5e-5, 1e-4, 2e-4) for m in ("loraplus", "gora_loraplus")},
+}
+
+
+class Runner(Protocol):
+    def run(self, method: str, task: str, seed: int, r: int | None, lr: float) -> Record: ...
+
+
+def lr_candidates(method: str, lr_grid: Mapping[str, Sequence[float]] | None) -> tuple[float, ...]:
+    grid = {**DEFAULT_LR_GRID, **(lr_grid or {})}
+    if method not in grid or not grid[method]:
+        raise ValueError(f"No learning rates for method {method!r}; pass lr_grid={{{method!r}: [...]}}.")
+    return tuple(float(lr) for lr in grid[method])
+
+
+def select_lr(runs: Sequence[Record]) -> Record:
+    """The run with the best validation score; ties go to the earliest run (grid order)."""
+    if not runs:
+        raise ValueError("No learning-rate runs to choose from.")
+    return max(runs, key=lambda r: (r["val_value"] if r["val_value"] is not None else float("-inf")))
+
+
+def check_settings(out_dir: Path, settings: dict) -> None:
+    """Record the grid's settings on first use; refuse to resume a folder made with other settings."""
+    path = out_dir / CONFIG_FILE
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old != settings:
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise ValueError(
+                f"{out_dir} holds a grid run with other settings (changed: {changed}); "
+                "use a new out_dir, or delete its results to start over."
+            )
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def grid_settings(train_config: TrainConfig, method_config: MethodConfig, data_config: DataConfig,
+                  alpha_per_rank: float) -> dict:
+    """The settings that make results comparable (not the lists of methods, tasks and seeds, which may grow)."""
+    train = {k: v for k, v in dataclasses.asdict(train_config).items() if k not in ("progress", "device")}
+    method = {k: v for k, v in dataclasses.asdict(method_config).items() if k not in ("lr", "r", "seed", "total_steps")}
+    data = {k: v for k, v in dataclasses.asdict(data_config).items() if k != "data_dir"}
+    return json.loads(json.dumps({"train": train, "method": method, "data": data, "alpha_per_rank": alpha_per_rank}))
+
+
+class Grid:
+    """Bookkeeping of one grid folder: what is done, what to run next."""
+
+    def __init__(self, out_dir: Path, runner: Runner, lr_grid, bar) -> None:
+        self.out_dir, self.runner, self.lr_grid, self.bar = out_dir, runner, lr_grid, bar
+        self.results_path, self.lr_path = out_dir / RESULTS_FILE, out_dir / LR_SEARCH_FILE
+        self.done = {cell_key(r): r for r in load_records(self.results_path)}
+        self.lr_runs = {cell_key(r, LR_RUN_FIELDS): r for r in load_records(self.lr_path)}
+
+    def lr_run(self, method: str, task: str, seed: int, r: int | None, lr: float) -> Record:
+        key = (method, task, seed, r, lr)
+        if key not in self.lr_runs:
+            self.bar.set_postfix_str(f"lr search {method} {task} lr={lr:g}")
+            self.lr_runs[key] = self.runner.run(method, task, seed, r, lr)
+            append_record(self.lr_path, self.lr_runs[key])
+        return self.lr_runs[key]
+
+    def choose(self, method: str, task: str, seed: int, r: int | None) -> tuple[float, Record | None]:
+        """(learning rate, the first seed's run at that rate when a search produced one)."""
+        candidates = lr_candidates(method, self.lr_grid)
+        if len(candidates) == 1:
+            return candidates[0], None
+        best = select_lr([self.lr_run(method, task, seed, r, lr) for lr in candidates])
+        logger.info("%s on %s (r=%s): lr %g chosen on validation (%.4f)", method, task, r, best["lr"],
+                    best["val_value"])
+        return best["lr"], best
+
+    def cell(self, method: str, task: str, seed: int, r: int | None, lr: float, reuse: Record | None) -> None:
+        key = (method, task, seed, r)
+        if key not in self.done:
+            self.bar.set_postfix_str(f"{method} {task} seed={seed}")
+            record = dict(reuse) if reuse is not None else self.runner.run(method, task, seed, r, lr)
+            append_record(self.results_path, record)
+            self.done[key] = record
+        self.bar.update(1)
+
+
+def run_grid(
+    methods: Sequence[str],
+    tasks: Sequence[str],
+    seeds: Sequence[int] = (0,),
+    *,
+    out_dir: str | os.PathLike,
+    ranks: Sequence[int] = (8,),
+    lr_grid: Mapping[str, Sequence[float]] | None = None,
+    train_config: TrainConfig | None = None,
+    method_config: MethodConfig | None = None,
+    data_config: DataConfig | None = None,
+    model_path: str | None = None,
+    alpha_per_rank: float = 2.0,
+    runner: Runner | None = None,
+) -> list[Record]:
+    """Run every (method, task, rank, seed) cell not yet in ``out_dir/results.json``; return all its records.
+
+    Args:
+        ranks: reference ranks r (``lora_alpha = alpha_per_rank * r``); ``full`` runs once per task, with r None.
+        lr_grid: per-method learning rates, overriding :data:`DEFAULT_LR_GRID`; one value skips the search.
+        runner: what runs a cell (default :class:`CellRunner` on MiniLM); tests pass a stub.
+    """
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods or not tasks or not seeds:
+        raise ValueError(f"Need methods from {sorted(METHODS)} (unknown: {unknown}), tasks and seeds.")
+    train_config, method_config = train_config or TrainConfig(), method_config or MethodConfig()
+    data_config = data_config or DataConfig()
+    out = Path(out_dir)
+    check_settings(out, grid_settings(train_config, method_config, data_config, alpha_per_rank))
+    runner = runner or CellRunner(train_config, method_config, data_config, model_path, alpha_per_rank)
+    plan = [(t, m, r) for t in tasks for r in ranks for m in methods if not (m == "full" and r != ranks[0])]
+    with tqdm(total=len(plan) * len(seeds), desc="grid", unit="cell", disable=not train_config.progress) as bar:
+        grid = Grid(out, runner, lr_grid, bar)
+        for task, method, r in plan:
+            rank = None if method == "full" else r
+            if all((method, task, s, rank) in grid.done for s in seeds):
+                bar.update(len(seeds))
+                continue
+            lr, first_run = grid.choose(method, task, seeds[0], rank)
+            for seed in seeds:
+                grid.cell(method, task, seed, rank, lr, first_run if seed == seeds[0] else None)
+    return load_records(out / RESULTS_FILE)

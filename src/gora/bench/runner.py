@@ -1,0 +1,131 @@
+"""One grid cell: load the task (cached), a fresh MiniLM classifier, build the method, train, evaluate, record."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from gora.bench.assets import default_model_path, load_classifier, load_tokenizer
+from gora.bench.builders import MethodConfig
+from gora.bench.methods import NEEDS_INIT_BATCHES, build_method
+from gora.bench.records import Record
+from gora.bench.tasks import BUILTIN_TASKS, TaskData, load_task
+from gora.bench.train import (
+    Encoded,
+    TrainConfig,
+    encode,
+    init_batches,
+    reset_peak_memory,
+    resolve_device,
+    total_steps,
+    train_and_evaluate,
+)
+from gora.bench.user_task import load_user_task
+
+logger = logging.getLogger(__name__)
+
+RECORD_INFO_FIELDS = (
+    "init_seconds", "ranks", "gamma", "num_steps", "min_rank", "max_rank", "importance", "budget",
+    "actual_params", "estimation_seconds", "loraplus_ratio", "target_r",
+)
+"""Fields a builder may report that go into the record when present."""
+
+
+@dataclass
+class DataConfig:
+    """Which data each task uses; the split seed is separate from the training seeds."""
+
+    split_seed: int = 0
+    max_train: int | None = None
+    max_val: int | None = None
+    max_test: int | None = None
+    data_dir: str | None = None
+    """Folder of ``<task>.csv.gz`` exports (and ``model/``); default ``$GORA_DATA_DIR``."""
+    user_tasks: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Extra tasks: name -> (train file, test file), CSV or JSONL."""
+
+    def load(self, name: str) -> TaskData:
+        sizes = {"max_train": self.max_train, "max_val": self.max_val, "max_test": self.max_test}
+        if name in self.user_tasks:
+            train_path, test_path = self.user_tasks[name]
+            return load_user_task(train_path, test_path, name=name, split_seed=self.split_seed, **sizes)
+        if name not in BUILTIN_TASKS:
+            raise ValueError(f"Unknown task {name!r}; built-in: {list(BUILTIN_TASKS)}; or declare a user task.")
+        return load_task(name, split_seed=self.split_seed, data_dir=self.data_dir, **sizes)
+
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
+
+
+class CellRunner:
+    """Runs single (method, task, seed, r, lr) cells; tasks, tokeniser and encodings are cached across cells."""
+
+    def __init__(self, train_config: TrainConfig, method_config: MethodConfig, data_config: DataConfig,
+                 model_path: str | None = None, alpha_per_rank: float = 2.0) -> None:
+        self.train_config = train_config
+        self.method_config = method_config
+        self.data_config = data_config
+        self.model_path = model_path or default_model_path(data_config.data_dir)
+        self.alpha_per_rank = alpha_per_rank
+        self._tokenizer = None
+        self._tasks: dict[str, tuple[TaskData, tuple[Encoded, Encoded, Encoded]]] = {}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_path)
+        return self._tokenizer
+
+    def task(self, name: str) -> tuple[TaskData, tuple[Encoded, Encoded, Encoded]]:
+        if name not in self._tasks:
+            data = self.data_config.load(name)
+            length = self.train_config.max_length
+            encoded = tuple(encode(df, self.tokenizer, length) for df in (data.train, data.validation, data.test))
+            logger.info("Task %s: %s, %d labels, split seed %d", name, data.sizes(), data.num_labels, data.split_seed)
+            self._tasks[name] = (data, encoded)
+        return self._tasks[name]
+
+    def method_config_for(self, r: int | None, lr: float, steps: int, seed: int) -> MethodConfig:
+        rank = r if r is not None else self.method_config.r
+        return replace(self.method_config, r=rank, lora_alpha=self.alpha_per_rank * rank, lr=lr,
+                       total_steps=steps, seed=seed)
+
+    def run(self, method: str, task: str, seed: int, r: int | None, lr: float) -> Record:
+        data, splits = self.task(task)
+        cfg = self.method_config_for(r, lr, total_steps(len(splits[0]), self.train_config), seed)
+        device = resolve_device(self.train_config.device)
+        batches = []
+        if method in NEEDS_INIT_BATCHES:
+            batches = init_batches(splits[0], self.tokenizer, self.train_config, seed, cfg.init_steps)
+        reset_peak_memory(device)
+        torch.manual_seed(seed)  # the head and every random adapter init draw from this
+        model = load_classifier(self.model_path, data.num_labels).to(device)
+        built = build_method(method, model, cfg, batches)
+        desc = f"{method} {task} s{seed} lr{lr:g}"
+        result = train_and_evaluate(built, splits, self.tokenizer, self.train_config, seed, desc)
+        record = self.record(method, data, seed, cfg, built.info, result, device, full=(r is None))
+        del model, built, batches
+        gc.collect()
+        return record
+
+    def record(self, method, data, seed, cfg, info, result, device, full: bool) -> Record:
+        tc = self.train_config
+        record: Record = {
+            "method": method, "task": data.name, "seed": seed, "metric": "accuracy",
+            "value": result.test_accuracy, "val_value": result.val_accuracy,
+            "trainable_params": info["trainable_params"], "train_seconds": result.train_seconds, "lr": cfg.lr,
+            "r": None if full else cfg.r, "lora_alpha": None if full else cfg.lora_alpha,
+            "init_seconds": None, "peak_memory_bytes": result.peak_memory_bytes, "ranks": None,
+            "device": device_label(device), "steps": result.steps, "final_loss": result.final_loss,
+            "num_labels": data.num_labels, "split_seed": data.split_seed, **{f"{k}_size": v for k, v in data.sizes().items()},
+            "max_length": tc.max_length, "batch_size": tc.batch_size, "epochs": tc.epochs, "bf16": tc.bf16,
+        }
+        record.update({k: info[k] for k in RECORD_INFO_FIELDS if k in info})
+        return record
