@@ -212,7 +212,8 @@ def export_adapter(
     The write is atomic: ``path`` is replaced only when everything is written.
     """
     if not isinstance(peft_model, PeftModel):
-        raise TypeError(f"export_adapter needs a peft.PeftModel, got {type(peft_model).__name__}.")
+        raise GoraTypeError(f"export_adapter needs a peft.PeftModel (from apply_gora or get_gora_model), "
+                            f"got {type(peft_model).__name__}.")
     config = peft_model.peft_config.get(adapter_name)
     if not isinstance(config, LoraConfig):
         raise GoraUnsupportedError(f"adapter {adapter_name!r} is not a LoRA adapter; nothing to export.")
