@@ -194,6 +194,30 @@ def test_failed_estimation_leaves_the_model_as_before(prepared_bert, kwargs, err
     snapshot.assert_unchanged()
 
 
+@pytest.mark.parametrize("variant", [
+    dict(estimator="sketch", importance="frobenius"),
+    dict(adaptive_steps=True, min_steps=2),
+    dict(offload=True),
+], ids=["sketch", "adaptive steps", "offload"])
+def test_interrupt_in_every_estimator_variant_leaves_the_model_as_before(prepared_bert, variant):
+    snapshot = ModelSnapshot(prepared_bert)
+    with pytest.raises(KeyboardInterrupt):
+        estimate_gora(prepared_bert, LoraConfig(**LORA), make_bert_batches(STEPS), _config(**variant),
+                      loss_fn=_interrupt_at(2, KeyboardInterrupt()))
+    snapshot.assert_unchanged()
+
+
+def test_interrupt_during_the_adaptive_gamma_scan_removes_its_hooks_and_restores_modes(prepared_bert):
+    """The scan adds ΔW₀ through forward hooks in eval mode; interrupt it half way through the grid."""
+    config = _config(adaptive_gamma=True, gamma_grid=[0.5, 0.1, 0.05, 0.01])
+    loss_fn = _interrupt_at(STEPS + 3, KeyboardInterrupt())  # after the estimation steps and 2 scan losses
+    snapshot = ModelSnapshot(prepared_bert)
+    with pytest.raises(KeyboardInterrupt):
+        estimate_gora(prepared_bert, LoraConfig(**LORA), make_bert_batches(STEPS), config, loss_fn=loss_fn,
+                      eval_batches=make_bert_batches(1, seed=9))
+    snapshot.assert_unchanged()
+
+
 def test_gradient_checkpointing_is_switched_off_again_after_an_interrupt(prepared_bert):
     snapshot = ModelSnapshot(prepared_bert)
     with pytest.raises(KeyboardInterrupt):
