@@ -6,6 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -66,21 +67,26 @@ def _assert_identical(first: Path, second: Path) -> None:
         assert torch.equal(weights_a[key], weights_b[key]), key
 
 
-def test_same_seed_and_data_give_identical_ranks_a_and_b_run_to_run(tmp_path):
-    _run_here(tmp_path / "one")
-    _run_here(tmp_path / "two")
-    _assert_identical(tmp_path / "one", tmp_path / "two")
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """One in-process run with seed 0, shared by the comparisons below."""
+    directory = tmp_path_factory.mktemp("determinism") / "first"
+    _run_here(directory)
+    return directory
 
 
-def test_same_seed_and_data_give_identical_ranks_a_and_b_in_another_process(tmp_path):
-    _run_here(tmp_path / "here")
+def test_same_seed_and_data_give_identical_ranks_a_and_b_run_to_run(first_run, tmp_path):
+    _run_here(tmp_path / "again")
+    _assert_identical(first_run, tmp_path / "again")
+
+
+def test_same_seed_and_data_give_identical_ranks_a_and_b_in_another_process(first_run, tmp_path):
     _run_in_subprocess(tmp_path / "there")
-    _assert_identical(tmp_path / "here", tmp_path / "there")
+    _assert_identical(first_run, tmp_path / "there")
 
 
-def test_another_seed_draws_another_a_but_the_same_ranks(tmp_path):
-    _run_here(tmp_path / "seed0", seed=0)
+def test_another_seed_draws_another_a_but_the_same_ranks(first_run, tmp_path):
     _run_here(tmp_path / "seed1", seed=1)
-    a, b = GoraState.load(tmp_path / "seed0" / "state"), GoraState.load(tmp_path / "seed1" / "state")
+    a, b = GoraState.load(first_run / "state"), GoraState.load(tmp_path / "seed1" / "state")
     assert a.ranks == b.ranks  # ranks depend on the gradients only
     assert all(not torch.equal(a.A[n], b.A[n]) for n in a.adapted)

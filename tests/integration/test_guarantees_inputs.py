@@ -2,6 +2,7 @@
 before work is wasted where the problem can be seen up front; never a stray IndexError, KeyError,
 StopIteration, AttributeError or ZeroDivisionError from deep inside."""
 
+import copy
 import math
 
 import pytest
@@ -205,9 +206,16 @@ def test_unusable_configs_are_refused_before_any_forward_pass(tiny_bert, lora_co
 
 
 # -- apply_gora ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shared_state():
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(_bert_config()).eval()  # the architecture of tiny_bert
+    return estimate_gora(model, LoraConfig(**LORA), make_bert_batches(STEPS), _config())
+
+
 @pytest.fixture
-def bert_state(tiny_bert):
-    return estimate_gora(tiny_bert, LoraConfig(**LORA), make_bert_batches(STEPS), _config())
+def bert_state(shared_state):
+    return copy.deepcopy(shared_state)
 
 
 def _other_models():

@@ -6,13 +6,15 @@ back, the same tensor), and no hook left: no post-accumulate-grad or tensor hook
 forward/backward hook on any module, no global module hook.
 """
 
+import copy
+
 import pytest
 import torch
 from peft import LoraConfig
 from torch.nn.modules import module as nn_module
 
 import gora.peft_bridge
-from conftest import make_bert_batches
+from conftest import _bert_config, make_bert_batches
 from gora import GoraConfig, apply_gora, estimate_gora
 from gora.errors import GoraDataError, GoraNumericalError, GoraStateError
 
@@ -251,10 +253,14 @@ def test_the_model_is_usable_again_after_an_interrupted_estimation(prepared_bert
 
 
 # -- apply -------------------------------------------------------------------------------------------
-@pytest.fixture
-def state(tiny_bert):
-    """A state estimated on the same model (estimation leaves it unchanged: tested above)."""
-    return estimate_gora(tiny_bert, LoraConfig(**LORA), make_bert_batches(STEPS), _config())
+@pytest.fixture(scope="module")
+def state():
+    """A state estimated on a model of tiny_bert's architecture (apply only reads it)."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(_bert_config()).eval()
+    return estimate_gora(model, LoraConfig(**LORA), make_bert_batches(STEPS), _config())
 
 
 def _lora_with_head():
@@ -296,6 +302,7 @@ def test_keyboard_interrupt_while_copying_adapter_weights_puts_the_model_back(pr
 def test_state_refused_by_apply_never_touches_the_model(prepared_bert, state, monkeypatch):
     monkeypatch.setattr(gora.peft_bridge, "get_peft_model",
                         lambda *a, **k: pytest.fail("the model was handed to PEFT despite a bad state"))
+    state = copy.deepcopy(state)
     state.C[state.adapted[0]] = state.C[state.adapted[0]][:, :1]  # damaged: C no longer fits the rank
     snapshot = ModelSnapshot(prepared_bert)
     with pytest.raises(GoraStateError, match="do not fit rank"):
