@@ -98,8 +98,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def interrupted_saves(path: str | os.PathLike) -> list[Path]:
-    """Previous versions of ``path`` left under ``.NAME.old-*`` by a save killed between its two renames."""
+    """Previous versions of ``path`` left as ``.NAME.old-*`` by a save killed between its two renames (oldest first)."""
     final = Path(os.path.abspath(path))
     if not final.parent.is_dir():
         return []
-    return sorted(p for p in final.parent.glob(f".{final.name}.old-*") if p.is_dir())
+    return sorted((p for p in final.parent.glob(f".{final.name}.old-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)

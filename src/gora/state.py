@@ -211,7 +211,8 @@ class GoraState:
             if not isinstance(a, Tensor) or not isinstance(c, Tensor):
                 problems.append(f"{name}: missing A or C")
             elif tuple(a.shape) != (rank, in_f) or tuple(c.shape) != (out_f, rank):
-                problems.append(f"{name}: A {tuple(a.shape)} / C {tuple(c.shape)} do not fit rank {rank}, {out_f}x{in_f}")
+                problems.append(
+                    f"{name}: A {tuple(a.shape)} / C {tuple(c.shape)} do not fit rank {rank}, {out_f}x{in_f}")
             elif not (a.is_floating_point() and c.is_floating_point()):
                 problems.append(f"{name}: A and C must be floating point, got {a.dtype} / {c.dtype}")
             elif not (torch.isfinite(a).all() and torch.isfinite(c).all()):

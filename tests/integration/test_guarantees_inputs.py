@@ -60,7 +60,8 @@ class LyingLength:
 
 @pytest.mark.parametrize("batches, message, forward_passes", [
     ([], "the batches are empty", 0),
-    (make_bert_batches(2), r"hold 2 items but num_steps=3; pass at least 3 batches, or set GoraConfig\(num_steps=2\)", 0),
+    (make_bert_batches(2),
+     r"hold 2 items but num_steps=3; pass at least 3 batches, or set GoraConfig\(num_steps=2\)", 0),
     (iter([]), "the batches are empty", 0),
     (iter(make_bert_batches(2)), r"gave 2 items but num_steps=3.*GoraConfig\(num_steps=2\)", 2),
     (LyingLength(), "gave 2 items but num_steps=3", 2),
@@ -194,7 +195,8 @@ def test_quantised_modules_are_refused_during_estimation_with_the_qgora_recipe(t
     (dict(LORA), None, GoraConfigTypeError, "lora_config must be a peft.LoraConfig, got dict"),
     (LoraConfig(r=4, lora_alpha=0, target_modules=["query"]), None, GoraConfigError, "lora_alpha must be a finite"),
     (LoraConfig(r=0, lora_alpha=8, target_modules=["query"]), None, GoraConfigError, "LoraConfig.r must be >= 1"),
-    (LoraConfig(r=1, lora_alpha=8, target_modules=["query"]), "min_rank=5", GoraConfigError, r"\[5, 4\], which is empty"),
+    (LoraConfig(r=1, lora_alpha=8, target_modules=["query"]), "min_rank=5", GoraConfigError,
+     r"\[5, 4\], which is empty"),
 ], ids=["config dict", "lora dict", "alpha 0", "r 0", "empty rank range"])
 def test_unusable_configs_are_refused_before_any_forward_pass(tiny_bert, lora_config, gora_config, error, message):
     if gora_config == "min_rank=5":
@@ -247,7 +249,8 @@ def test_a_state_from_another_model_is_refused_before_the_model_is_touched(bert_
 
 
 @pytest.mark.parametrize("make_args, error, message", [
-    (lambda m, s: (m, LoraConfig(**LORA), "runs/state"), GoraTypeError, "state must be a GoraState, got str.*GoraState.load"),
+    (lambda m, s: (m, LoraConfig(**LORA), "runs/state"), GoraTypeError,
+     "state must be a GoraState, got str.*GoraState.load"),
     (lambda m, s: (m, LoraConfig(r=4, lora_alpha=0), s), GoraConfigError, "lora_alpha must be a finite number > 0"),
     (lambda m, s: (m, dict(LORA), s), GoraConfigTypeError, "lora_config must be a peft.LoraConfig"),
     (lambda m, s: (get_peft_model(m, LoraConfig(**LORA)), LoraConfig(**LORA), s), GoraTargetError,
