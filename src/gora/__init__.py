@@ -31,6 +31,8 @@ _EXPORTS = {
     "GoraStateError": "errors",
     "GoraTargetError": "errors",
     "GoraUnsupportedError": "errors",
+    "GoraTypeError": "errors",
+    "GoraConfigTypeError": "errors",
 }
 
 __all__ = list(_EXPORTS)
@@ -54,11 +56,13 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     from .config import GoraConfig
     from .errors import (
         GoraConfigError,
+        GoraConfigTypeError,
         GoraDataError,
         GoraError,
         GoraNumericalError,
         GoraStateError,
         GoraTargetError,
+        GoraTypeError,
         GoraUnsupportedError,
     )
     from .peft_bridge import apply_gora, export_adapter
