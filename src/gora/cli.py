@@ -1,0 +1,392 @@
+"""The ``gora`` command: ``init`` (estimate and save a state), ``inspect``, ``export``, ``bench``, ``demo``.
+
+Only the standard library is imported here; torch, transformers, peft and matplotlib load inside
+the verbs, so ``gora --help`` answers at once. Errors of the gora family print their message and
+exit with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import GoraConfigError, GoraDataError, GoraError, GoraStateError, GoraUnsupportedError
+
+logger = logging.getLogger("gora.cli")
+PASSTHROUGH = ("bench", "demo")  # verbs whose options belong to gora.bench
+STATE_FILE, SIDECAR_FILE, ADAPTER_CONFIG = "gora_state.json", "gora_config.json", "adapter_config.json"
+MODEL_CLASSES = {"seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
+PEFT_TO_TASK = {"SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm"}
+DTYPES = ("float32", "bfloat16", "float16")
+
+DESCRIPTION = """GoRA (gradient-driven adaptive LoRA) for Hugging Face PEFT.
+
+  gora init MODEL DATA -o STATE     estimate ranks and initialisation, save a GoraState
+  gora inspect STATE_OR_ADAPTER     rank table, budget, and a PNG of ranks per layer x module type
+  gora export MODEL STATE -o OUT    a PEFT adapter (--portable, default; --native) or a merged model (--merged)
+  gora bench ... / gora demo ...    GoRA vs LoRA benchmarks (gora.bench)
+
+Models are local directories (save_pretrained); nothing is downloaded."""
+
+
+# -- parser --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gora", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO level)")
+    verbs = parser.add_subparsers(dest="verb", metavar="{init,inspect,export,bench,demo}")
+    _add_init(verbs)
+    _add_inspect(verbs)
+    _add_export(verbs)
+    verbs.add_parser("bench", add_help=False, help="run GoRA-vs-LoRA benchmarks (options: gora bench --help)")
+    verbs.add_parser("demo", add_help=False, help="a short GoRA-vs-LoRA demo on CPU (options: gora demo --help)")
+    return parser
+
+
+def _add_init(verbs) -> None:
+    p = verbs.add_parser("init", help="estimate GoRA's ranks and initialisation; save a GoraState",
+                         description="Run GoRA's gradient estimation on MODEL with batches from DATA and save the "
+                                     "state (ranks, importances, A and C per layer) to --output.")
+    p.add_argument("model", help="local model directory (written by save_pretrained)")
+    p.add_argument("data", help="CSV/TSV or JSONL with a 'text' column (optional 'text_pair'; 'label' for "
+                                "classification), or a plain text file (one document per line) for a causal LM")
+    p.add_argument("-o", "--output", required=True, help="directory to write the GoraState to (replaced atomically)")
+    p.add_argument("--task", choices=("auto", "seq-cls", "causal-lm"), default="auto",
+                   help="seq-cls: sequence classification (needs 'label'); causal-lm: next-token loss; "
+                        "auto: seq-cls when the data has labels (default)")
+    p.add_argument("--r", type=int, default=8, help="LoRA reference rank r; the budget is LoRA's at rank r (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="lora_alpha; scaling is alpha/sqrt(r_i) (default 16)")
+    p.add_argument("--targets", default="all-linear",
+                   help="comma-separated module names or dotted suffixes (e.g. query,key,value,dense), "
+                        "or 'all-linear' (default; the head is left out)")
+    p.add_argument("--num-steps", type=int, default=32, help="estimation batches N (default 32)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per estimation batch (default 8)")
+    p.add_argument("--max-length", type=int, default=128, help="truncate inputs to this many tokens (default 128)")
+    p.add_argument("--gamma", type=float, default=5e-2, help="initial step size: ||dW0|| ~ gamma ||G|| (default 0.05)")
+    p.add_argument("--adaptive-gamma", action="store_true",
+                   help="pick gamma on 4 held-out batches (eval mode, against the loss at W0; 0 if none helps)")
+    p.add_argument("--adaptive-steps", action="store_true",
+                   help="stop before --num-steps once every layer's importance changes by < 10%% per step")
+    p.add_argument("--min-rank", type=int, default=None, help="smallest rank (default max(1, r // 2); 0 allowed)")
+    p.add_argument("--max-rank", type=int, default=None, help="largest rank (default 4 r)")
+    p.add_argument("--importance", choices=("mean_abs", "frobenius", "grad_nuclear"), default="mean_abs",
+                   help="layer score: mean|W*G| (default), ||W*G||_F, or the nuclear norm of G")
+    p.add_argument("--estimator", choices=("full", "sketch"), default="full",
+                   help="full: accumulate each gradient (4 B per target parameter); sketch: O(r (in+out)) memory, "
+                        "needs --importance frobenius")
+    p.add_argument("--seed", type=int, default=0, help="seed of A, of the batch shuffle and of a new head (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load the model in (default float32)")
+    p.set_defaults(run=cmd_init)
+
+
+def _add_inspect(verbs) -> None:
+    p = verbs.add_parser("inspect", help="rank table, budget and a rank plot of a state or an exported adapter",
+                         description="Print the rank table and budget of a GoraState directory or of an adapter "
+                                     "directory with a gora_config.json sidecar, and plot ranks per layer.")
+    p.add_argument("path", help="a GoraState directory (gora init) or an adapter directory (gora export)")
+    p.add_argument("--plot", default=None, help="PNG to write (default: PATH/gora_ranks.png)")
+    p.add_argument("--no-plot", action="store_true", help="print the table only")
+    p.add_argument("--json", action="store_true", help="print ranks, importances and budget as JSON instead")
+    p.set_defaults(run=cmd_inspect)
+
+
+def _add_export(verbs) -> None:
+    p = verbs.add_parser("export", help="write a PEFT adapter or a merged model from MODEL and a state",
+                         description="Apply SOURCE (a GoraState directory, or a trained adapter directory) to "
+                                     "MODEL and write an adapter or a merged model to --output.")
+    p.add_argument("model", help="local base-model directory (the one the state was estimated on)")
+    p.add_argument("source", help="a GoraState directory (gora init) or a PEFT adapter directory (after training)")
+    p.add_argument("-o", "--output", required=True, help="directory to write (replaced atomically for adapters)")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--portable", dest="form", action="store_const", const="portable",
+                      help="adapter that vanilla PEFT and vLLM read alike: r = max rank, scaling folded into "
+                           "lora_B, use_rslora false (default)")
+    form.add_argument("--native", dest="form", action="store_const", const="native",
+                      help="adapter as PEFT saves it (rsLoRA, rank_pattern); for further training")
+    form.add_argument("--merged", dest="form", action="store_const", const="merged",
+                      help="full model with the adapter merged into the weights (merge_and_unload)")
+    p.set_defaults(form="portable")
+    p.add_argument("--gamma", type=float, default=None, help="override the state's gamma (B is linear in gamma)")
+    p.add_argument("--task", choices=("auto", "seq-cls", "causal-lm"), default="auto",
+                   help="model head; auto: from the state (gora init) or the adapter's task_type")
+    p.add_argument("--num-labels", type=int, default=None, help="classes of a seq-cls head (default: from the state)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load the model in (default float32)")
+    p.set_defaults(run=cmd_export)
+
+
+# -- verbs --------------------------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> int:
+    from . import GoraConfig
+    from .data_files import PEFT_TASK_TYPES, load_text_data
+
+    _check_positive(num_steps=args.num_steps, batch_size=args.batch_size, max_length=args.max_length, r=args.r)
+    gora_config = GoraConfig(
+        num_steps=args.num_steps, min_rank=args.min_rank, max_rank=args.max_rank, gamma=args.gamma,
+        importance=args.importance, estimator=args.estimator, seed=args.seed, adaptive_steps=args.adaptive_steps,
+        adaptive_gamma=args.adaptive_gamma)
+    model_dir = _model_dir(args.model)
+    data = load_text_data(args.data, args.task)  # cheap checks first: the heavy imports come after
+    lora = {"r": args.r, "lora_alpha": args.alpha, "target_modules": _targets(args.targets),
+            "task_type": PEFT_TASK_TYPES[data.task]}
+    gora_config.extra = {"cli": {"model": str(model_dir.resolve()), "data": str(Path(args.data).resolve()),
+                                 "task": data.task, "label_names": data.label_names, "batch_size": args.batch_size,
+                                 "max_length": args.max_length, "dtype": args.dtype, "lora_config": lora}}
+
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    from . import estimate_gora
+    from .data_files import collator_for, tokenize
+    from .trainer import estimation_batches
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = _load_model(model_dir, data.task, data.label_names, args.dtype, args.device, args.seed)
+    features = tokenize(data, tokenizer, args.max_length)
+    steps = args.num_steps + (gora_config.gamma_batches if args.adaptive_gamma else 0)
+    batches = estimation_batches(features, collator_for(data.task, tokenizer), args.batch_size, steps, args.seed)
+    state = estimate_gora(model, LoraConfig(**lora), batches, gora_config=gora_config)
+    state.save(args.output)
+    print(state.summary())
+    print(f"saved GoRA state to {args.output} ({state.estimation_seconds:.1f}s of estimation)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    info = _read_rank_info(path)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        print(_rank_table(info))
+    if not args.no_plot:
+        from .plotting import plot_ranks
+
+        target = Path(args.plot) if args.plot else path / "gora_ranks.png"
+        plot_ranks({n: r for n, r in info["ranks"].items() if r > 0}, target, title=f"GoRA ranks: {path.name}")
+        print(f"wrote rank plot to {target}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    source = Path(args.source)
+    model_dir = _model_dir(args.model)
+    if (source / STATE_FILE).is_file():
+        peft_model, state, task = _model_from_state(model_dir, source, args)
+    elif (source / ADAPTER_CONFIG).is_file():
+        peft_model, state, task = _model_from_adapter(model_dir, source, args)
+    else:
+        raise GoraStateError(f"{source} holds neither {STATE_FILE} (a state from gora init) nor {ADAPTER_CONFIG} "
+                             "(a PEFT adapter); pass one of those directories.")
+    if args.form == "merged":
+        merged = peft_model.merge_and_unload()
+        merged.save_pretrained(args.output)
+        _save_tokenizer(model_dir, args.output)
+        print(f"wrote merged {task} model to {args.output}")
+        return 0
+    from . import export_adapter
+
+    export_adapter(peft_model, args.output, portable=args.form == "portable", state=state)
+    ranks = [r for r in (state.ranks.values() if state else []) if r > 0]
+    hint = f"; serve with vLLM --max-lora-rank >= {max(ranks)}" if ranks and args.form == "portable" else ""
+    print(f"wrote {args.form} adapter to {args.output}{hint}")
+    return 0
+
+
+def cmd_passthrough(verb: str, argv: list[str]) -> int:
+    """``gora bench`` and ``gora demo`` belong to ``gora.bench``: hand it the remaining arguments."""
+    try:
+        bench_cli = importlib.import_module("gora.bench.cli")
+    except ModuleNotFoundError as error:
+        if error.name not in ("gora.bench.cli", "gora.bench"):
+            raise GoraUnsupportedError(f"gora {verb} needs the benchmark extras ({error.name} is missing): "
+                                       "pip install 'gora-peft[bench]'.") from error
+        return _demo_fallback(verb, argv)
+    main_fn = getattr(bench_cli, "main", None)
+    if main_fn is None:
+        raise GoraUnsupportedError(f"gora.bench.cli has no main(argv); this gora cannot run 'gora {verb}'.")
+    result = main_fn([verb, *argv] if verb == "demo" else argv)
+    return int(result or 0)
+
+
+def _demo_fallback(verb: str, argv: list[str]) -> int:
+    run_demo = getattr(_optional_module("gora.bench.demo"), "run_demo", None)
+    if verb == "demo" and run_demo is not None and not argv:
+        run_demo()
+        return 0
+    raise GoraUnsupportedError(
+        f"'gora {verb}' is provided by gora.bench.cli, which this installation lacks. Install the full package "
+        "(pip install 'gora-peft[bench]') or run the benchmark scripts under benchmarks/ directly.")
+
+
+def _optional_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        return None
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise GoraConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+
+
+def _targets(text: str) -> list[str] | str:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise GoraConfigError("--targets is empty; pass module names like query,value or 'all-linear'.")
+    return "all-linear" if names == ["all-linear"] else names
+
+
+def _model_dir(path: str) -> Path:
+    model_dir = Path(path)
+    if not (model_dir / "config.json").is_file():
+        raise GoraDataError(f"{model_dir} is not a model directory (no config.json); pass a local directory "
+                            "written by save_pretrained. gora never downloads models.")
+    return model_dir
+
+
+def _load_model(model_dir: Path, task: str, label_names: list[str], dtype: str, device: str, seed: int):
+    """The base model for ``task``; a new classification head is drawn from ``seed`` (the same in init and export)."""
+    import torch
+    import transformers
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GoraConfigError(f"--device {device} was asked for, but no CUDA device is visible; use --device cpu.")
+    model_class = getattr(transformers, MODEL_CLASSES[task])
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if task == "seq-cls":
+        names = label_names if len(label_names) >= 2 else ["0", "1"]
+        kwargs |= {"num_labels": len(names), "id2label": dict(enumerate(names)),
+                   "label2id": {name: i for i, name in enumerate(names)}}
+    transformers.set_seed(seed)
+    model = model_class.from_pretrained(str(model_dir), **kwargs)
+    if task == "causal-lm" and model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    if task == "seq-cls" and model.config.pad_token_id is None:
+        model.config.pad_token_id = 0  # decoders classify at the last non-pad token
+    return model.to(device).eval()
+
+
+def _cli_info(state) -> dict[str, Any]:
+    return dict(state.config.get("extra", {}).get("cli", {}))
+
+
+def _model_from_state(model_dir: Path, source: Path, args: argparse.Namespace):
+    from peft import LoraConfig
+
+    from . import GoraState, apply_gora
+
+    state = GoraState.load(source)
+    info = _cli_info(state)
+    task = args.task if args.task != "auto" else info.get("task", "causal-lm")
+    names = info.get("label_names") or [str(i) for i in range(args.num_labels or 2)]
+    if args.num_labels and len(names) != args.num_labels:
+        names = [str(i) for i in range(args.num_labels)]
+    model = _load_model(model_dir, task, names, args.dtype, "cpu", state.seed)
+    saved = info.get("lora_config", {})
+    lora_config = LoraConfig(r=state.reference_rank, lora_alpha=state.lora_alpha, target_modules=state.adapted,
+                             task_type=saved.get("task_type", {"seq-cls": "SEQ_CLS"}.get(task, "CAUSAL_LM")))
+    return apply_gora(model, lora_config, state, gamma=args.gamma), state, task
+
+
+def _model_from_adapter(model_dir: Path, source: Path, args: argparse.Namespace):
+    from peft import PeftModel
+
+    adapter = json.loads((source / ADAPTER_CONFIG).read_text())
+    task = args.task if args.task != "auto" else PEFT_TO_TASK.get(adapter.get("task_type"), "causal-lm")
+    model = _load_model(model_dir, task, [str(i) for i in range(args.num_labels or 2)], args.dtype, "cpu", 0)
+    return PeftModel.from_pretrained(model, str(source)), None, task
+
+
+def _save_tokenizer(model_dir: Path, output: str) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(output)
+    except (OSError, ValueError) as error:  # a model saved without its tokenizer
+        logger.warning("no tokenizer copied from %s (%s)", model_dir, error)
+
+
+def _read_rank_info(path: Path) -> dict[str, Any]:
+    """Ranks, importances and budget from a state directory or an adapter's ``gora_config.json``."""
+    if (path / STATE_FILE).is_file():
+        from . import GoraState
+
+        state = GoraState.load(path)
+        return {"kind": "state", "ranks": state.ranks, "importance": state.importance, "skipped": state.skipped,
+                "shapes": {n: list(s) for n, s in state.shapes.items()}, "budget": state.budget,
+                "actual_params": state.actual_params, "r": state.reference_rank, "gamma": state.gamma,
+                "num_steps": state.num_steps, "num_samples": state.num_samples,
+                "estimation_seconds": state.estimation_seconds}
+    sidecar = path / SIDECAR_FILE
+    if not sidecar.is_file():
+        raise GoraStateError(f"{path} holds neither {STATE_FILE} (gora init) nor {SIDECAR_FILE} (an adapter "
+                             "written by gora export / gora.export_adapter); nothing to inspect.")
+    try:
+        meta = json.loads(sidecar.read_text())
+        ranks = {str(n): int(r) for n, r in meta["ranks"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+        raise GoraStateError(f"{sidecar} is damaged ({error!r}); export the adapter again.") from error
+    keys = ("budget", "actual_params", "r", "gamma", "num_steps", "num_samples", "skipped", "importance")
+    return {"kind": "adapter", "ranks": ranks, "portable": meta.get("portable"),
+            **{k: meta[k] for k in keys if k in meta}}
+
+
+def _rank_table(info: dict[str, Any]) -> str:
+    importance, shapes = info.get("importance", {}), info.get("shapes", {})
+    rows = [f"{'module':<60} {'shape':>12} {'rank':>5} {'importance':>11}"]
+    for name in sorted(info["ranks"]):
+        shape = "x".join(str(v) for v in shapes[name]) if name in shapes else ""
+        rows.append(f"{name:<60} {shape:>12} {info['ranks'][name]:>5} {importance.get(name, float('nan')):>11.4g}")
+    for name, reason in sorted(info.get("skipped", {}).items()):
+        if name not in info["ranks"] or reason != "no gradient":
+            rows.append(f"{name:<60} {'':>12} {'-':>5}  skipped: {reason}")
+    adapted = [r for r in info["ranks"].values() if r > 0]
+    spread = f"ranks {min(adapted)}..{max(adapted)} over {len(adapted)} layers" if adapted else "no adapted layer"
+    if "budget" in info:
+        actual = info.get("actual_params", 0)
+        rows.append(f"budget {info['budget']:,} params (LoRA r={info.get('r')}), actual {actual:,} "
+                    f"({actual / max(info['budget'], 1):.1%}); {spread}")
+    else:
+        rows.append(spread)
+    if "num_steps" in info:
+        rows.append(f"{info['num_steps']} estimation steps, {info.get('num_samples', 0)} samples, "
+                    f"gamma={info.get('gamma', float('nan')):g}")
+    return "\n".join(rows)
+
+
+# -- entry point -----------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = bool(argv) and argv[0] in ("-v", "--verbose")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    rest = argv[1:] if verbose else argv
+    try:
+        if rest and rest[0] in PASSTHROUGH:
+            return cmd_passthrough(rest[0], rest[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.verb is None:
+            parser.print_help()
+            return 2
+        return args.run(args)
+    except GoraError as error:
+        print(f"gora: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
