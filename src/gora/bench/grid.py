@@ -81,7 +81,9 @@ def grid_settings(train_config: TrainConfig, method_config: MethodConfig, data_c
     train = {k: v for k, v in dataclasses.asdict(train_config).items() if k not in ("progress", "device")}
     method = {k: v for k, v in dataclasses.asdict(method_config).items() if k not in ("lr", "r", "seed", "total_steps")}
     data = {k: v for k, v in dataclasses.asdict(data_config).items() if k != "data_dir"}
-    return json.loads(json.dumps({"train": train, "method": method, "data": data, "alpha_per_rank": alpha_per_rank}))
+    flat = {**{f"train.{k}": v for k, v in train.items()}, **{f"method.{k}": v for k, v in method.items()},
+            **{f"data.{k}": v for k, v in data.items()}, "alpha_per_rank": alpha_per_rank}
+    return json.loads(json.dumps(flat))  # tuples -> lists, as they come back from the file
 
 
 class Grid:

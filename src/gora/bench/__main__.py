@@ -1,0 +1,5 @@
+import sys
+
+from gora.bench.cli import main
+
+sys.exit(main())

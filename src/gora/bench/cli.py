@@ -1,0 +1,177 @@
+"""``python -m gora.bench {grid,rank-sweep,demo,report,export-assets}``.
+
+Heavy libraries (torch, transformers, peft, matplotlib) are imported inside the verbs, so ``--help`` is instant.
+The argparse namespace stops here: verbs turn it into dataclass configs before calling library functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from gora.bench import set_offline_env
+
+logger = logging.getLogger(__name__)
+
+METHOD_IDS = ("full", "lora", "rslora", "dora", "loraplus", "pissa", "olora", "loraga", "eva", "adalora", "gora",
+              "gora_loraplus")
+TASK_IDS = ("rotten_tomatoes", "vitaminc", "multiemo", "epistemic")
+
+
+def _lr_override(text: str) -> tuple[str, tuple[float, ...]]:
+    method, _, values = text.partition("=")
+    try:
+        return method, tuple(float(v) for v in values.split(",") if v)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--lr expects METHOD=LR[,LR...], e.g. gora=1e-4,5e-4; got {text!r}") from err
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--max-train", type=int, help="subsample the training split to this many examples")
+    g.add_argument("--max-val", type=int, help="subsample the validation split")
+    g.add_argument("--max-test", type=int, help="subsample the test split")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the data split (separate from --seeds)")
+    g.add_argument("--data-dir", help="folder of exported <task>.csv.gz and model/ (default $GORA_DATA_DIR)")
+    g.add_argument("--model-path", help="model folder (default: $GORA_MODEL_DIR, <data-dir>/model, installed MiniLM)")
+    g.add_argument("--user-task", nargs=3, action="append", default=[], metavar=("NAME", "TRAIN", "TEST"),
+                   help="add a task from CSV/JSONL files with text, [text_pair], label columns; use NAME in --tasks")
+    t = p.add_argument_group("training")
+    t.add_argument("--max-length", type=int, default=64, help="tokens per example")
+    t.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    t.add_argument("--epochs", type=float, default=1.0, help="passes over the training split")
+    t.add_argument("--warmup-ratio", type=float, default=0.06, help="share of steps with linear warmup")
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
+    t.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    m = p.add_argument_group("methods")
+    m.add_argument("--lrs", type=float, nargs="+", help="one learning-rate grid for every method")
+    m.add_argument("--lr", type=_lr_override, action="append", default=[], metavar="METHOD=LR[,LR]",
+                   help="learning-rate grid of one method (repeatable); one value skips the search")
+    m.add_argument("--gora-steps", type=int, default=32, help="batches for GoRA/LoRA-GA/EVA initialisation (N)")
+    m.add_argument("--gamma", type=float, default=5e-2, help="GoRA's initialisation scale")
+    m.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
+    m.add_argument("--out-dir", required=True, help="grid folder: results.json, lr_search.json, table, plots")
+    m.add_argument("--no-report", action="store_true", help="skip the table and plots at the end")
+
+
+def _grid_kwargs(args: argparse.Namespace, methods: Sequence[str]) -> dict:
+    from gora.bench.builders import MethodConfig
+    from gora.bench.runner import DataConfig
+    from gora.bench.train import TrainConfig
+
+    lr_grid = {m: tuple(args.lrs) for m in methods} if args.lrs else {}
+    lr_grid.update(dict(args.lr))
+    return {
+        "out_dir": args.out_dir,
+        "lr_grid": lr_grid,
+        "model_path": args.model_path,
+        "train_config": TrainConfig(max_length=args.max_length, batch_size=args.batch_size, epochs=args.epochs,
+                                    warmup_ratio=args.warmup_ratio, device=args.device, bf16=args.bf16,
+                                    progress=not args.no_progress),
+        "method_config": MethodConfig(init_steps=args.gora_steps, gora_gamma=args.gamma),
+        "data_config": DataConfig(split_seed=args.split_seed, max_train=args.max_train, max_val=args.max_val,
+                                  max_test=args.max_test, data_dir=args.data_dir,
+                                  user_tasks={name: (train, test) for name, train, test in args.user_task}),
+    }
+
+
+def _report(args: argparse.Namespace) -> None:
+    if not args.no_report:
+        from gora.bench.report import write_report
+
+        for path in write_report(args.out_dir).values():
+            logger.info("wrote %s", path)
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from gora.bench.grid import run_grid
+
+    records = run_grid(args.methods, args.tasks, args.seeds, ranks=args.ranks, **_grid_kwargs(args, args.methods))
+    logger.info("%d records in %s", len(records), args.out_dir)
+    _report(args)
+    return 0
+
+
+def cmd_rank_sweep(args: argparse.Namespace) -> int:
+    from gora.bench.sweep import run_rank_sweep
+
+    kwargs = _grid_kwargs(args, args.methods)
+    run_rank_sweep(args.task, args.seeds, methods=args.methods, ranks=args.ranks, **kwargs)
+    _report(args)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gora.bench.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(max_train=args.max_train, out_dir=args.out_dir, progress=not args.no_progress))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gora.bench.report import write_report
+
+    for path in write_report(args.results, args.out_dir).values():
+        sys.stdout.write(f"wrote {path}\n")
+    return 0
+
+
+def cmd_export_assets(args: argparse.Namespace) -> int:
+    from gora.bench.assets import export_assets
+
+    for name, size in export_assets(args.out_dir, args.tasks).items():
+        sys.stdout.write(f"{size / 2**20:8.2f} MB  {name}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gora.bench", description="GoRA benchmark harness (MiniLM).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    grid = sub.add_parser("grid", help="methods x tasks x seeds, resumable, lr chosen on validation")
+    grid.add_argument("--methods", nargs="+", default=["lora", "gora"], help=f"from {', '.join(METHOD_IDS)}")
+    grid.add_argument("--tasks", nargs="+", default=["rotten_tomatoes"], help=f"from {', '.join(TASK_IDS)} or user")
+    grid.add_argument("--ranks", type=int, nargs="+", default=[8], help="reference ranks r (alpha = 2r)")
+    _add_run_options(grid)
+    grid.set_defaults(func=cmd_grid)
+
+    sweep = sub.add_parser("rank-sweep", help="LoRA, GoRA, full at r = 2, 8, 32, 64 on one task")
+    sweep.add_argument("--task", default="rotten_tomatoes", help="task id")
+    sweep.add_argument("--methods", nargs="+", default=["lora", "gora", "full"], help="methods to sweep")
+    sweep.add_argument("--ranks", type=int, nargs="+", default=[2, 8, 32, 64], help="reference ranks r")
+    _add_run_options(sweep)
+    sweep.set_defaults(func=cmd_rank_sweep)
+
+    demo = sub.add_parser("demo", help="GoRA vs LoRA on Rotten Tomatoes, CPU, under 10 minutes")
+    demo.add_argument("--max-train", type=int, default=6400, help="training reviews (200 steps at batch 32)")
+    demo.add_argument("--out-dir", help="where results and plots go (default: a new temporary folder)")
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.set_defaults(func=cmd_demo)
+
+    report = sub.add_parser("report", help="Markdown table and PNG plots from a results.json")
+    report.add_argument("results", help="results.json, or the folder holding it")
+    report.add_argument("--out-dir", help="where to write (default: next to results.json)")
+    report.set_defaults(func=cmd_report)
+
+    export = sub.add_parser("export-assets", help="fp16 MiniLM + task pools as .csv.gz for the GPU machine")
+    export.add_argument("--out-dir", default="gpu_assets", help="target folder (git-ignored gpu_assets/)")
+    export.add_argument("--tasks", nargs="+", default=list(TASK_IDS), help="tasks to export")
+    export.set_defaults(func=cmd_export_assets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m gora.bench``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    set_offline_env()
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

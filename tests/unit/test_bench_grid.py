@@ -1,0 +1,124 @@
+"""Grid bookkeeping with a stub runner: resume, lr selection on validation, settings lock, atomic records."""
+
+import json
+
+import pytest
+
+from gora.bench.grid import run_grid, select_lr
+from gora.bench.records import load_records, save_records
+from gora.bench.train import TrainConfig
+
+NO_BAR = TrainConfig(progress=False)
+
+
+class StubRunner:
+    """Counts calls; validation accuracy peaks at lr 1e-3, test accuracy encodes the seed."""
+
+    def __init__(self, fail_on_call: int | None = None):
+        self.calls: list[tuple] = []
+        self.fail_on_call = fail_on_call
+
+    def run(self, method, task, seed, r, lr):
+        self.calls.append((method, task, seed, r, lr))
+        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
+            raise KeyboardInterrupt  # a killed run
+        return {"method": method, "task": task, "seed": seed, "r": r, "lr": lr, "metric": "accuracy",
+                "value": 0.5 + seed / 100, "val_value": 1.0 - abs(lr - 1e-3), "trainable_params": 1}
+
+
+def _grid(tmp_path, runner, seeds=(0, 1), lr_grid=None, **kw):
+    return run_grid(["lora", "gora"], ["rotten_tomatoes"], seeds, out_dir=tmp_path, runner=runner,
+                    lr_grid=lr_grid or {"lora": (1e-3,), "gora": (1e-3,)}, train_config=NO_BAR, **kw)
+
+
+def test_every_cell_runs_once_and_is_recorded(tmp_path):
+    runner = StubRunner()
+    records = _grid(tmp_path, runner)
+    assert len(runner.calls) == 4
+    assert {(r["method"], r["seed"]) for r in records} == {("lora", 0), ("lora", 1), ("gora", 0), ("gora", 1)}
+    assert load_records(tmp_path / "results.json") == records
+
+
+def test_finished_cells_are_not_recomputed(tmp_path):
+    save_records(tmp_path / "results.json", [
+        {"method": "lora", "task": "rotten_tomatoes", "seed": 0, "r": 8, "lr": 1e-3, "value": 0.9, "val_value": 0.9},
+    ])
+    runner = StubRunner()
+    records = _grid(tmp_path, runner)
+    assert ("lora", "rotten_tomatoes", 0, 8, 1e-3) not in runner.calls
+    assert len(runner.calls) == 3
+    kept = next(r for r in records if r["method"] == "lora" and r["seed"] == 0)
+    assert kept["value"] == 0.9
+
+
+def test_killed_grid_keeps_finished_cells_and_resumes_the_rest(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _grid(tmp_path, StubRunner(fail_on_call=3))
+    assert len(load_records(tmp_path / "results.json")) == 2
+    runner = StubRunner()
+    assert len(_grid(tmp_path, runner)) == 4
+    assert len(runner.calls) == 2
+
+
+def test_lr_is_chosen_on_validation_and_first_seed_run_is_reused(tmp_path):
+    runner = StubRunner()
+    records = run_grid(["lora"], ["epistemic"], [0, 1], out_dir=tmp_path, runner=runner,
+                       lr_grid={"lora": (1e-4, 1e-3, 1e-2)}, train_config=NO_BAR)
+    assert [c[4] for c in runner.calls] == [1e-4, 1e-3, 1e-2, 1e-3]  # three seed-0 searches, then seed 1
+    assert [c[2] for c in runner.calls] == [0, 0, 0, 1]
+    assert {r["lr"] for r in records} == {1e-3}
+    assert len(load_records(tmp_path / "lr_search.json")) == 3
+
+
+def test_lr_search_runs_are_not_repeated_on_resume(tmp_path):
+    lr_grid = {"lora": (1e-4, 1e-3)}
+    run_grid(["lora"], ["epistemic"], [0], out_dir=tmp_path, runner=StubRunner(), lr_grid=lr_grid,
+             train_config=NO_BAR)
+    runner = StubRunner()
+    run_grid(["lora"], ["epistemic"], [0, 1], out_dir=tmp_path, runner=runner, lr_grid=lr_grid,
+             train_config=NO_BAR)
+    assert runner.calls == [("lora", "epistemic", 1, 8, 1e-3)]
+
+
+def test_select_lr_prefers_best_validation_then_earliest():
+    runs = [{"lr": 1, "val_value": 0.7}, {"lr": 2, "val_value": 0.8}, {"lr": 3, "val_value": 0.8}]
+    assert select_lr(runs)["lr"] == 2
+
+
+def test_full_runs_once_per_task_with_rank_none(tmp_path):
+    runner = StubRunner()
+    run_grid(["full", "lora"], ["epistemic"], [0], out_dir=tmp_path, runner=runner, ranks=(2, 8),
+             lr_grid={"full": (1e-5,), "lora": (1e-3,)}, train_config=NO_BAR)
+    assert sorted(runner.calls, key=str) == sorted(
+        [("full", "epistemic", 0, None, 1e-5), ("lora", "epistemic", 0, 2, 1e-3), ("lora", "epistemic", 0, 8, 1e-3)],
+        key=str)
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    _grid(tmp_path, StubRunner())
+    with pytest.raises(ValueError, match="other settings.*max_length"):
+        run_grid(["lora"], ["rotten_tomatoes"], [0], out_dir=tmp_path, runner=StubRunner(),
+                 train_config=TrainConfig(max_length=128, progress=False))
+
+
+def test_unknown_method_is_refused_before_any_run(tmp_path):
+    runner = StubRunner()
+    with pytest.raises(ValueError, match="unknown.*'qlora'"):
+        run_grid(["lora", "qlora"], ["epistemic"], [0], out_dir=tmp_path, runner=runner)
+    assert runner.calls == []
+
+
+def test_records_file_holds_valid_json_without_nan(tmp_path):
+    path = tmp_path / "r.json"
+    save_records(path, [{"method": "lora", "value": float("nan")}])
+    assert json.loads(path.read_text()) == [{"method": "lora", "value": None}]
+    assert not (tmp_path / "r.json.tmp").exists()
+
+
+def test_load_records_accepts_dict_with_records_and_rejects_other_json(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"records": [{"method": "lora"}]}))
+    assert load_records(path) == [{"method": "lora"}]
+    path.write_text(json.dumps({"method": "lora"}))
+    with pytest.raises(ValueError, match="not a JSON list"):
+        load_records(path)
