@@ -267,7 +267,8 @@ def _load_model(model_dir: Path, task: str, label_names: list[str], dtype: str, 
     if task == "seq-cls":
         names = label_names if len(label_names) >= 2 else ["0", "1"]
         kwargs |= {"num_labels": len(names), "id2label": dict(enumerate(names)),
-                   "label2id": {name: i for i, name in enumerate(names)}}
+                   "label2id": {name: i for i, name in enumerate(names)},
+                   "ignore_mismatched_sizes": True}  # a head for another label count is drawn anew
     transformers.set_seed(seed)
     model = model_class.from_pretrained(str(model_dir), **kwargs)
     if task == "causal-lm" and model.config.pad_token_id is None:
