@@ -124,3 +124,46 @@ def test_missing_export_in_data_dir_says_how_to_write_it(tmp_path):
 def test_unknown_task_lists_the_builtin_ones():
     with pytest.raises(ValueError, match="rotten_tomatoes"):
         load_task("sst2")
+
+
+def _fake_sdist(path, task_path, examples):
+    import io
+    import tarfile
+
+    payload = json.dumps({"examples": examples}).encode()
+    with tarfile.open(path, "w:gz") as archive:
+        info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{task_path}/task.json")
+        info.size = len(payload)
+        archive.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def test_bigbench_examples_are_streamed_once_then_served_from_disk_cache(tmp_path, monkeypatch):
+    from gora.bench import bigbench
+
+    sdist = _fake_sdist(tmp_path / "bb.tar.gz", "toy", [
+        {"input": "q1", "target_scores": {"yes": 0, "no": 1}},
+        {"input": "q2", "target_scores": {"yes": 1, "no": 0}},
+    ])
+    monkeypatch.setenv("GORA_BIGBENCH_SDIST", str(sdist))
+    monkeypatch.setenv("GORA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(bigbench, "_MEMORY_CACHE", {})
+    assert bigbench.load_bigbench_examples("toy") == [("q1", "no"), ("q2", "yes")]
+    assert len(list((tmp_path / "cache" / "bigbench").glob("toy-*.json.gz"))) == 1
+
+    def no_stream(*args):
+        raise AssertionError("streamed again despite the cache")
+
+    monkeypatch.setattr(bigbench, "_MEMORY_CACHE", {})
+    monkeypatch.setattr(bigbench, "_stream_task", no_stream)
+    assert bigbench.load_bigbench_examples("toy") == [("q1", "no"), ("q2", "yes")]
+
+
+def test_unknown_bigbench_task_names_the_member(tmp_path, monkeypatch):
+    from gora.bench import bigbench
+
+    monkeypatch.setenv("GORA_BIGBENCH_SDIST", str(_fake_sdist(tmp_path / "bb.tar.gz", "toy", [])))
+    monkeypatch.setenv("GORA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(bigbench, "_MEMORY_CACHE", {})
+    with pytest.raises(KeyError, match="benchmark_tasks/nope/task.json"):
+        bigbench.load_bigbench_examples("nope")
