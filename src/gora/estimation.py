@@ -200,7 +200,8 @@ def run_estimation(
     scale = config.fp16_loss_scale if fp16 else 1.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start, steps, samples, notes = time.perf_counter(), 0, 0, {}
+    start, steps, samples = time.perf_counter(), 0, 0
+    notes: dict[str, Any] = {"accumulation_device": acc_device.type}
     previous: dict[str, float] = {}
     bar = tqdm(total=config.num_steps, desc="GoRA gradient estimation", unit="step",
                disable=not config.show_progress or distributed.rank() != 0)

@@ -14,7 +14,7 @@ from conftest import make_bert_batches, make_lm_batches, tiny_llama
 from gora import GoraConfig, accumulate
 from gora.accumulate import SketchOperators
 from gora.errors import GoraNumericalError, GoraUnsupportedError
-from gora.estimation import accumulation_device, run_estimation
+from gora.estimation import accumulation_device, model_device, run_estimation
 from gora.initialization import draw_a, draw_omega
 from gora.targets import resolve_targets
 
@@ -55,7 +55,7 @@ def _run(model, target_modules, batches, loss_fn=None, sketch=False, **config):
     extra = {"estimator": "sketch", "importance": "frobenius"} if sketch else {}
     config = GoraConfig(num_steps=len(batches), show_progress=False, **extra, **config)
     ops = _sketch_operators(targets, config) if sketch else None
-    device = accumulation_device(targets, torch.device("cpu"), config)
+    device = accumulation_device(targets, model_device(model), config)
     return targets, run_estimation(model, targets, iter(batches), config, loss_fn, ops, device)
 
 
