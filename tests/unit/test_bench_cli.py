@@ -40,3 +40,18 @@ def test_bad_lr_option_says_the_expected_form(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["grid", "--out-dir", "x", "--lr", "gora=fast"])
     assert "METHOD=LR[,LR...]" in capsys.readouterr().err
+
+
+def test_folder_readme_states_command_versions_and_settings_and_keeps_notes(tmp_path):
+    import json
+
+    from gora.bench.provenance import write_folder_readme
+
+    (tmp_path / "grid_config.json").write_text(json.dumps({"train.max_length": 64, "data.max_train": 2000}))
+    path = write_folder_readme(tmp_path, ["grid", "--out-dir", str(tmp_path)])
+    text = path.read_text()
+    assert f"`python -m gora.bench grid --out-dir {tmp_path}`" in text
+    assert "`data.max_train`: 2000" in text and "transformers " in text and "Device: " in text
+    path.write_text("hand-written notes")
+    write_folder_readme(tmp_path, ["grid"])
+    assert path.read_text() == "hand-written notes"

@@ -78,11 +78,12 @@ def _grid_kwargs(args: argparse.Namespace, methods: Sequence[str]) -> dict:
     }
 
 
-def _report(args: argparse.Namespace) -> None:
+def _report(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     if not args.no_report:
+        from gora.bench.provenance import write_folder_readme
         from gora.bench.report import write_report
 
-        for path in write_report(args.out_dir).values():
+        for path in [*write_report(args.out_dir).values(), write_folder_readme(args.out_dir, argv)]:
             logger.info("wrote %s", path)
 
 
@@ -91,7 +92,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
     records = run_grid(args.methods, args.tasks, args.seeds, ranks=args.ranks, **_grid_kwargs(args, args.methods))
     logger.info("%d records in %s", len(records), args.out_dir)
-    _report(args)
+    _report(args, args.argv)
     return 0
 
 
@@ -100,7 +101,7 @@ def cmd_rank_sweep(args: argparse.Namespace) -> int:
 
     kwargs = _grid_kwargs(args, args.methods)
     run_rank_sweep(args.task, args.seeds, methods=args.methods, ranks=args.ranks, **kwargs)
-    _report(args)
+    _report(args, args.argv)
     return 0
 
 
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m gora.bench``; returns the exit status."""
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     set_offline_env()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

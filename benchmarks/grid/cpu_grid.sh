@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# CPU grid (2 cores): every method x the four tasks x 3 seeds on MiniLM, reduced sizes.
+# Cost at ~0.5 s per step: 2,000 training examples = 63 steps per run; with the 3-value lr search on seed 0
+# that is 12 methods x 4 tasks x 5 runs = 240 runs, about 3 to 4 hours. Resumable: rerun the same command.
+set -euo pipefail
+OUT=${OUT:-benchmarks/results/cpu/grid}
+python -m gora.bench grid \
+  --methods full lora rslora dora loraplus pissa olora loraga eva adalora gora gora_loraplus \
+  --tasks rotten_tomatoes vitaminc multiemo epistemic \
+  --seeds 0 1 2 \
+  --max-train 2000 --max-val 500 --max-test 1000 \
+  --max-length 64 --batch-size 32 --epochs 1 \
+  --out-dir "$OUT" "$@"
