@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 import torch
 from accelerate import Accelerator
@@ -36,7 +37,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=2, help="training steps after GoRA (default 2)")
     args = parser.parse_args()
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    one_gpu_each = torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    accelerator = Accelerator(cpu=not one_gpu_each)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format=f"[process {accelerator.process_index}] %(message)s")
     model, examples, collator, task_type = model_and_dataset(args)

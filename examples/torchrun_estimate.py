@@ -4,7 +4,7 @@
     python -m torch.distributed.run --nproc_per_node 8 examples/torchrun_estimate.py \
         --model path/to/model --data train.csv --num-steps 32 --output runs/gora_state
 
-CPU processes talk over gloo, GPUs over NCCL. What happens:
+With a GPU per process they talk over NCCL, else CPU processes over gloo. What happens:
 
 1. every process builds the same base model; a ``DistributedSampler`` gives each its own batches;
 2. ``estimate_gora`` on the *bare* model (wrap in DDP only afterwards: DDP would all-reduce every
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=2, help="DDP training steps after GoRA (default 2)")
     args = parser.parse_args()
 
-    use_cuda = torch.cuda.is_available()
+    use_cuda = torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # one GPU per process
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")

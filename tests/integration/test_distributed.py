@@ -85,6 +85,7 @@ def _fsdp_apply(rank: int, workdir: Path) -> None:
     """Each training rank loads the state estimated once by the parent, applies it, then trains with FSDP2."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from gora import GoraState, apply_gora
@@ -94,9 +95,10 @@ def _fsdp_apply(rank: int, workdir: Path) -> None:
     weights = {k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
     save_file(weights, str(workdir / "fsdp" / f"rank{rank}.safetensors"))
 
+    mesh = init_device_mesh("cpu", (WORLD,))  # gloo on CPU even where CUDA exists (the default mesh would be CUDA)
     for layer in peft_model.base_model.model.bert.encoder.layer:
-        fully_shard(layer)
-    fully_shard(peft_model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(peft_model, mesh=mesh)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()
     peft_model(**make_bert_batches(1, seed=10 + rank)[0]).loss.backward()  # a different batch per rank
