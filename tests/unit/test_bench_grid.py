@@ -122,3 +122,11 @@ def test_load_records_accepts_dict_with_records_and_rejects_other_json(tmp_path)
     path.write_text(json.dumps({"method": "lora"}))
     with pytest.raises(ValueError, match="not a JSON list"):
         load_records(path)
+
+
+def test_every_registered_method_has_a_default_lr_grid():
+    from gora.bench.grid import DEFAULT_LR_GRID
+    from gora.bench.methods import METHODS
+
+    assert set(DEFAULT_LR_GRID) == set(METHODS)
+    assert all(len(rates) >= 2 for rates in DEFAULT_LR_GRID.values())
