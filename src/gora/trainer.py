@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, default_data_collator
 
+from . import distributed
 from .errors import GoraConfigError, GoraDataError
 from .state import GoraState
 
@@ -39,8 +40,13 @@ def estimation_batches(
     seed: int = 0,
     *,
     columns: Collection[str] | None = None,
+    shard: bool = True,
 ) -> list:
     """``num_steps`` collated batches of ``batch_size`` examples drawn without replacement from ``dataset``.
+
+    Under torch.distributed (``shard=True``) process p of P takes batches p, p+P, p+2P, ... of one
+    shared shuffle, so the P processes together see exactly the batches one process would get with
+    ``num_steps = P * num_steps`` (GoRA's DDP estimate equals that single-process estimate).
 
     Args:
         dataset: what a Trainer trains on: anything with ``len`` and integer indexing (a torch
@@ -51,6 +57,7 @@ def estimation_batches(
         seed: seed of the shuffle; a dataset smaller than ``batch_size * num_steps`` is reshuffled and reused.
         columns: keys to keep from each example (like the Trainer's ``remove_unused_columns``);
             ``None`` keeps all.
+        shard: give each torch.distributed process its own batches; ``False``: the same batches everywhere.
 
     Raises:
         GoraDataError: the dataset is empty or not indexable.
@@ -67,12 +74,13 @@ def estimation_batches(
     if size == 0:
         raise GoraDataError("the dataset is empty: GoRA needs examples to estimate gradients from.")
     if size < batch_size * num_steps:
-        logger.info("estimation_batches: %d examples for %d x %d; reshuffling and reusing examples",
+        logger.info("estimation_batches: %d examples for %d x %d (per process); reshuffling and reusing examples",
                     size, num_steps, batch_size)
     collate = default_data_collator if collator is None else collator
-    order = _shuffled_indices(size, batch_size * num_steps, seed)
+    rank, world = (distributed.rank(), distributed.world_size()) if shard else (0, 1)
+    order = _shuffled_indices(size, batch_size * num_steps * world, seed)
     batches = []
-    for step in range(num_steps):
+    for step in range(rank, num_steps * world, world):
         examples = [_select(dataset[i], columns) for i in order[step * batch_size:(step + 1) * batch_size]]
         batches.append(collate(examples))
     return batches

@@ -49,6 +49,11 @@ def _all_batches():
     return make_bert_batches(WORLD * STEPS, seed=0)
 
 
+def _examples() -> list[dict]:
+    """A dataset of single examples, as a Trainer would hold it."""
+    return [{k: v[i] for k, v in batch.items()} for batch in make_bert_batches(5, batch=8, seed=4) for i in range(8)]
+
+
 def _adaptive_shard(rank: int) -> list[dict]:
     """Rank 0 repeats one batch (its importance converges at min_steps); rank 1's varied batches take longer."""
     if rank == 0:
@@ -72,11 +77,15 @@ def _rank_main(rank: int, port: int, workdir: str) -> None:
 
 def _ddp_estimation(rank: int, workdir: Path) -> None:
     from gora import GoraConfig, estimate_gora
+    from gora.trainer import estimation_batches
 
     shard = _all_batches()[rank * STEPS:(rank + 1) * STEPS]
     for name, extra in (("ddp", {}), ("ddp_sketch", {"estimator": "sketch", "importance": "frobenius"})):
         config = GoraConfig(num_steps=STEPS, show_progress=False, **extra)
         estimate_gora(_tiny_bert(), _lora_config(), shard, gora_config=config).save(workdir / name / f"rank{rank}")
+    batches = estimation_batches(_examples(), None, batch_size=4, num_steps=STEPS, seed=5)  # sharded by rank
+    config = GoraConfig(num_steps=STEPS, show_progress=False)
+    estimate_gora(_tiny_bert(), _lora_config(), batches, gora_config=config).save(workdir / "sharded" / f"rank{rank}")
     state = estimate_gora(_tiny_bert(), _lora_config(), _adaptive_shard(rank), gora_config=GoraConfig(**ADAPTIVE))
     state.save(workdir / "adaptive" / f"rank{rank}")
 
@@ -185,6 +194,17 @@ def test_ddp_sketch_estimator_equals_one_process_over_all_batches(runs):
     _assert_same_state(rank0, rank1)
     config = GoraConfig(num_steps=WORLD * STEPS, estimator="sketch", importance="frobenius", show_progress=False)
     _assert_matches_single(rank0, estimate_gora(_tiny_bert(), _lora_config(), _all_batches(), gora_config=config))
+
+
+def test_estimation_batches_shard_by_rank_so_ddp_equals_one_process_with_all_steps(runs):
+    from gora import GoraConfig, estimate_gora
+    from gora.trainer import estimation_batches
+
+    rank0, rank1 = _load_ranks(runs, "sharded")
+    _assert_same_state(rank0, rank1)
+    batches = estimation_batches(_examples(), None, batch_size=4, num_steps=WORLD * STEPS, seed=5)
+    config = GoraConfig(num_steps=WORLD * STEPS, show_progress=False)
+    _assert_matches_single(rank0, estimate_gora(_tiny_bert(), _lora_config(), batches, gora_config=config))
 
 
 def test_adaptive_steps_under_ddp_stop_together_when_the_slowest_rank_converges(runs):
