@@ -142,13 +142,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from . import estimate_gora
-    from .data_files import collator_for, tokenize
+    from .data_files import collator_for, subsample, tokenize
     from .trainer import estimation_batches
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = _load_model(model_dir, data.task, data.label_names, args.dtype, args.device, args.seed)
-    features = tokenize(data, tokenizer, args.max_length)
     steps = args.num_steps + (gora_config.gamma_batches if args.adaptive_gamma else 0)
+    features = tokenize(subsample(data, steps * args.batch_size, args.seed), tokenizer, args.max_length)
     batches = estimation_batches(features, collator_for(data.task, tokenizer), args.batch_size, steps, args.seed)
     state = estimate_gora(model, LoraConfig(**lora), batches, gora_config=gora_config)
     state.save(args.output)

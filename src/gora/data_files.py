@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,17 @@ def label_names(records: list[dict[str, Any]]) -> list[str]:
     return sorted(set(values))
 
 
+def subsample(data: TextData, count: int, seed: int) -> TextData:
+    """At most ``count`` records, drawn with a seeded shuffle, so only what estimation uses is tokenised.
+
+    Class names stay those of the whole file, so label ids do not depend on the sample.
+    """
+    if len(data.records) <= count:
+        return data
+    chosen = sorted(random.Random(seed).sample(range(len(data.records)), count))
+    return replace(data, records=[data.records[i] for i in chosen])
+
+
 def tokenize(data: TextData, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
     """One feature dict per record (``input_ids``, ``attention_mask`` [, ``labels``]); padding is the collator's job."""
     texts = [str(r["text"]) for r in data.records]
@@ -118,4 +130,4 @@ def collator_for(task: str, tokenizer: Any):
     return DataCollatorWithPadding(tokenizer)
 
 
-__all__ = ["TextData", "read_records", "load_text_data", "label_names", "tokenize", "collator_for", "TASKS"]
+__all__ = ["TextData", "read_records", "load_text_data", "label_names", "subsample", "tokenize", "collator_for", "TASKS"]

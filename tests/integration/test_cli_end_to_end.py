@@ -70,12 +70,12 @@ def _probe():
 def test_init_saves_the_state_the_python_api_computes_from_the_same_batches(files):
     from peft import LoraConfig
 
-    from gora.data_files import collator_for, load_text_data, tokenize
+    from gora.data_files import collator_for, load_text_data, subsample, tokenize
     from gora.trainer import estimation_batches
 
     state = GoraState.load(files / "state")
     data = load_text_data(files / "reviews.csv")
-    features = tokenize(data, _tokenizer(), 16)
+    features = tokenize(subsample(data, 3 * 4, seed=1), _tokenizer(), 16)
     batches = estimation_batches(features, collator_for("seq-cls", _tokenizer()), 4, 3, seed=1)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], task_type="SEQ_CLS")
     expected = estimate_gora(_classifier(files), lora, batches, gora_config=GoraConfig(num_steps=3, seed=1))

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gora import GoraDataError
-from gora.data_files import label_names, load_text_data, read_records
+from gora.data_files import label_names, load_text_data, read_records, subsample
 
 
 def test_csv_with_labels_is_classification_with_sorted_class_names(tmp_path):
@@ -67,3 +67,13 @@ def test_classification_task_requires_labels(tmp_path):
 def test_negative_integer_labels_are_refused():
     with pytest.raises(GoraDataError, match=">= 0"):
         label_names([{"label": "-1"}, {"label": "1"}])
+
+
+def test_subsample_is_seeded_and_keeps_the_class_names_of_the_whole_file(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{'c' if i == 7 else 'a' if i % 2 else 'b'}\n" for i in range(20)))
+    data = load_text_data(path)
+    small = subsample(data, 5, seed=0)
+    assert len(small.records) == 5 and small.label_names == data.label_names == ["a", "b", "c"]
+    assert small.records == subsample(data, 5, seed=0).records != subsample(data, 5, seed=1).records
+    assert subsample(data, 50, seed=0) is data
