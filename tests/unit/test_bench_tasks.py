@@ -38,6 +38,15 @@ def test_user_jsonl_task_with_pairs_and_integer_labels(tmp_path):
     assert all(task.train["text"].str[1:] == task.train["text_pair"].str[1:])
 
 
+def test_user_csv_keeps_true_false_labels_as_written_and_reads_zero_padded_integers(tmp_path):
+    rows = [{"text": f"t{i}", "label": ["true", "false"][i % 2]} for i in range(10)]
+    task = load_user_task(_write_csv(tmp_path / "a.csv", rows), _write_csv(tmp_path / "b.csv", rows[:2]))
+    assert task.label_names == ("false", "true")
+    ints = [{"text": f"t{i}", "label": ["00", "01", "2"][i % 3]} for i in range(9)]
+    task = load_user_task(_write_csv(tmp_path / "c.csv", ints), _write_csv(tmp_path / "d.csv", ints[:3]))
+    assert task.label_names == ("0", "1", "2") and list(task.test["label"]) == [0, 1, 2]
+
+
 def test_user_task_rejects_test_labels_unseen_in_train(tmp_path):
     train = _write_csv(tmp_path / "train.csv", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
     test = _write_csv(tmp_path / "test.csv", [{"text": "c", "label": "z"}])

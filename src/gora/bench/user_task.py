@@ -15,7 +15,7 @@ import pandas as pd
 from gora.bench.tasks import TaskData, encode_labels, split_random, subsample
 
 _READERS = {
-    ".csv": lambda p: pd.read_csv(p, keep_default_na=False),
+    ".csv": lambda p: pd.read_csv(p, dtype=str, keep_default_na=False),  # labels like "true" stay strings
     ".jsonl": lambda p: pd.read_json(p, lines=True),
 }
 
@@ -37,25 +37,34 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         raise ValueError(f"{path} lacks column(s) {sorted(missing)}; it has {list(df.columns)}. "
                          "Name the columns text, label and optionally text_pair.")
     keep = [c for c in ("text", "text_pair", "label") if c in df.columns]
-    return df[keep].astype({"text": str, **({"text_pair": str} if "text_pair" in df.columns else {})})
+    return df[keep].astype(str)
+
+
+def _is_integer(labels: pd.Series) -> bool:
+    return bool(labels.str.fullmatch(r"\d+").all())
 
 
 def label_names_for(train: pd.DataFrame, test: pd.DataFrame) -> tuple[str, ...]:
-    """Class names: ``0..max`` for integer labels, else the sorted names seen in train.
+    """Class names: ``"0".."max"`` when every label is a non-negative integer, else the sorted names seen in train.
 
     Raises:
-        ValueError: negative integer labels, or test labels never seen in train.
+        ValueError: test labels never seen in train (string labels only).
     """
-    if pd.api.types.is_integer_dtype(train["label"]) and pd.api.types.is_integer_dtype(test["label"]):
-        low = min(train["label"].min(), test["label"].min())
-        if low < 0:
-            raise ValueError(f"Integer labels must be >= 0, found {low}; use class names or shift the labels.")
-        return tuple(str(i) for i in range(int(max(train["label"].max(), test["label"].max())) + 1))
-    names = tuple(sorted(train["label"].astype(str).unique()))
-    unseen = sorted(set(test["label"].astype(str)) - set(names))
+    labels = pd.concat([train["label"], test["label"]])
+    if _is_integer(labels):
+        return tuple(str(i) for i in range(labels.astype(int).max() + 1))
+    names = tuple(sorted(train["label"].unique()))
+    unseen = sorted(set(test["label"]) - set(names))
     if unseen:
         raise ValueError(f"Test labels {unseen} never occur in the training file; the classifier cannot learn them.")
     return names
+
+
+def canonical_labels(df: pd.DataFrame, names: tuple[str, ...]) -> pd.DataFrame:
+    """Integer labels written as "007" become "7", matching ``names``; class names are left alone."""
+    if names and names[0] == "0" and _is_integer(df["label"]):
+        return df.assign(label=df["label"].astype(int).astype(str))
+    return df
 
 
 def load_user_task(
@@ -74,6 +83,7 @@ def load_user_task(
     if ("text_pair" in train.columns) != ("text_pair" in test.columns):
         raise ValueError("Either both files have a text_pair column or neither does.")
     names = label_names_for(train, test)
+    train, test = canonical_labels(train, names), canonical_labels(test, names)
     train, val = split_random(train, val_fraction, np.random.default_rng(split_seed))
     frames = [
         subsample(train, max_train, split_seed),
