@@ -70,7 +70,9 @@ def main() -> None:
     logger.info("adapters identical on all %d processes after apply_gora and after training: %s",
                 accelerator.num_processes, identical)
     del prepared, optimizer
-    accelerator.wait_for_everyone()
+    # leave together; not accelerator.wait_for_everyone(): on CPU processes it passes device_ids to the barrier,
+    # which fails where fewer GPUs than processes are visible
+    torch.distributed.barrier()
     accelerator.end_training()
     if not identical:
         raise SystemExit(f"process {accelerator.process_index}: adapters differ between processes")
