@@ -23,6 +23,8 @@ STATE_FILE, SIDECAR_FILE, ADAPTER_CONFIG = "gora_state.json", "gora_config.json"
 MODEL_CLASSES = {"seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
 PEFT_TO_TASK = {"SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm"}
 DTYPES = ("float32", "bfloat16", "float16")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model")
 
 DESCRIPTION = """GoRA (gradient-driven adaptive LoRA) for Hugging Face PEFT.
 
@@ -139,13 +141,12 @@ def cmd_init(args: argparse.Namespace) -> int:
                                  "max_length": args.max_length, "dtype": args.dtype, "lora_config": lora}}
 
     from peft import LoraConfig
-    from transformers import AutoTokenizer
 
     from . import estimate_gora
     from .data_files import collator_for, subsample, tokenize
     from .trainer import estimation_batches
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = _load_tokenizer(model_dir)
     model = _load_model(model_dir, data.task, data.label_names, args.dtype, args.device, args.seed)
     steps = args.num_steps + (gora_config.gamma_batches if args.adaptive_gamma else 0)
     features = tokenize(subsample(data, steps * args.batch_size, args.seed), tokenizer, args.max_length)
@@ -253,6 +254,18 @@ def _model_dir(path: str) -> Path:
     return model_dir
 
 
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    hint = f"save one next to the model with tokenizer.save_pretrained('{model_dir}')"
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):  # transformers would build an empty one
+        raise GoraDataError(f"{model_dir} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); {hint}.")
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as error:
+        raise GoraDataError(f"cannot load the tokenizer in {model_dir} ({error}); {hint}.") from error
+
+
 def _load_model(model_dir: Path, task: str, label_names: list[str], dtype: str, device: str, seed: int):
     """The base model for ``task``; a new classification head is drawn from ``seed`` (the same in init and export)."""
     import torch
@@ -310,12 +323,11 @@ def _model_from_adapter(model_dir: Path, source: Path, args: argparse.Namespace)
 
 
 def _save_tokenizer(model_dir: Path, output: str) -> None:
-    from transformers import AutoTokenizer
-
+    """Copy the base model's tokenizer next to a merged model (skipped, with a warning, if it has none)."""
     try:
-        AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(output)
-    except (OSError, ValueError) as error:  # a model saved without its tokenizer
-        logger.warning("no tokenizer copied from %s (%s)", model_dir, error)
+        _load_tokenizer(model_dir).save_pretrained(output)
+    except GoraDataError as error:
+        logger.warning("merged model written without a tokenizer: %s", error)
 
 
 def _read_rank_info(path: Path) -> dict[str, Any]:

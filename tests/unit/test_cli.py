@@ -155,3 +155,14 @@ def test_bench_returns_gora_bench_exit_status(monkeypatch):
 def test_targets_accept_names_and_all_linear():
     assert cli._targets("query, value,dense") == ["query", "value", "dense"]
     assert cli._targets("all-linear") == "all-linear"
+
+
+def test_model_directory_without_a_tokenizer_exits_2_with_the_fix(tmp_path, capsys):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    BertForSequenceClassification(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=8)).save_pretrained(tmp_path / "model")
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\ngood,1\n")
+    assert cli.main(["init", str(tmp_path / "model"), str(data), "-o", str(tmp_path / "out")]) == 2
+    assert "tokenizer.save_pretrained" in capsys.readouterr().err
