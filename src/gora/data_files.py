@@ -130,4 +130,5 @@ def collator_for(task: str, tokenizer: Any):
     return DataCollatorWithPadding(tokenizer)
 
 
-__all__ = ["TextData", "read_records", "load_text_data", "label_names", "subsample", "tokenize", "collator_for", "TASKS"]
+__all__ = ["TextData", "read_records", "load_text_data", "label_names", "subsample", "tokenize", "collator_for",
+           "TASKS"]

@@ -40,7 +40,8 @@ def test_nf4_base_gets_the_adapters_of_the_full_precision_estimate(tmp_path):
     reference = apply_gora(_tiny_llama(), lora_config, state)
 
     quantized = load_4bit_and_apply(str(tmp_path / "model"), lora_config, GoraState.load(tmp_path / "state"))
-    layers = {n: m for n, m in quantized.base_model.model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    layers = {n: m for n, m in quantized.base_model.model.named_modules()
+              if hasattr(m, "lora_A") and "default" in m.lora_A}
     assert set(layers) == set(state.adapted)
     assert all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in layers.values())
     expected = dict(reference.base_model.model.named_modules())

@@ -48,7 +48,8 @@ def test_torchrun_example_estimates_on_two_processes_and_keeps_adapters_identica
 def test_accelerate_example_estimates_on_two_processes_and_keeps_adapters_identical(tmp_path):
     pytest.importorskip("accelerate")
     result = _torchrun("accelerate_estimate.py", "--output", str(tmp_path / "state"), "--num-steps", "3")
-    assert "adapters identical on all 2 processes after apply_gora and after training: True" in result.stdout + result.stderr
+    log = result.stdout + result.stderr
+    assert "adapters identical on all 2 processes after apply_gora and after training: True" in log
     _check_state(tmp_path / "state", world=2, steps=3)
 
 

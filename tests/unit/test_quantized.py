@@ -25,8 +25,13 @@ def _state() -> GoraState:
 def test_4bit_loading_without_cuda_or_bitsandbytes_names_what_is_missing(monkeypatch, cuda, bnb, missing):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: (object() if bnb else None) if name == "bitsandbytes" else real_find_spec(name, *a))
+
+    def find_spec(name, *args):
+        if name == "bitsandbytes":
+            return object() if bnb else None
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(GoraUnsupportedError, match="4-bit NF4") as error:
         quantized.load_4bit_and_apply("/no/model/needed", LoraConfig(r=1, target_modules=["layer"]), _state())
     message = str(error.value)
