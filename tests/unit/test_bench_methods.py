@@ -111,3 +111,11 @@ def test_encode_keeps_pairs_together(tokenizer):
     data = encode(pd.DataFrame({"text": ["good"], "text_pair": ["bad film"], "label": [1]}), tokenizer, 16)
     assert data[0]["input_ids"] == [2, 5, 3, 6, 7, 3] and data[0]["labels"] == 1
     assert data[0]["token_type_ids"] == [0, 0, 0, 1, 1, 1]
+
+
+def test_eva_draws_its_own_batch_count_and_gradient_methods_use_n():
+    from gora.bench.methods import init_batch_count
+
+    cfg = MethodConfig(init_steps=2, eva_steps=32)
+    counts = {m: init_batch_count(m, cfg) for m in ("lora", "eva", "gora", "loraga", "full")}
+    assert counts == {"lora": 0, "eva": 32, "gora": 2, "loraga": 2, "full": 0}

@@ -44,7 +44,10 @@ class MethodConfig:
     loraplus_ratio: float = 16.0
     """LoRA+ learning-rate ratio lr_B / lr_A (``loraplus`` and ``gora_loraplus``)."""
     init_steps: int = 32
-    """Batches used by data-driven initialisations (GoRA's N, LoRA-GA's gradient, EVA's SVD)."""
+    """Batches used by the gradient-based initialisations (GoRA's N, LoRA-GA)."""
+    eva_steps: int = 32
+    """Distinct batches EVA cycles through (forward passes only) until its SVDs converge; a handful of repeated
+    batches may never converge."""
     gora_gamma: float = 5e-2
     gora_min_rank: int | None = None
     gora_max_rank: int | None = None
@@ -57,8 +60,8 @@ class MethodConfig:
             raise ValueError(f"r must be >= 1, got {self.r}.")
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}.")
-        if self.init_steps < 1:
-            raise ValueError(f"init_steps must be >= 1, got {self.init_steps}.")
+        if self.init_steps < 1 or self.eva_steps < 1:
+            raise ValueError(f"init_steps and eva_steps must be >= 1, got {self.init_steps}, {self.eva_steps}.")
 
 
 @dataclass
@@ -194,7 +197,7 @@ def capped_forward(max_calls: int) -> Callable[[nn.Module, Batch], Any]:
         if calls > max_calls:
             raise RuntimeError(
                 f"EVA did not converge within {max_calls} forward passes; use larger batches "
-                f"(>= r * rho = {EVA_RHO:g} * r sequences) or more init_steps."
+                f"(>= r * rho = {EVA_RHO:g} * r sequences) or more distinct batches (eva_steps)."
             )
         return model(**batch)
 
@@ -207,7 +210,7 @@ def build_eva(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> 
 
     # Labels are per sequence here, not per token, so the language-modelling label mask must be off.
     config = lora_config(cfg, init_lora_weights="eva", eva_config=EvaConfig(rho=EVA_RHO, use_label_mask=False))
-    used = list(batches[: cfg.init_steps])
+    used = list(batches[: cfg.eva_steps])
     start = time.perf_counter()
     peft_model = get_peft_model(model, config)
     initialize_lora_eva_weights(
@@ -215,7 +218,7 @@ def build_eva(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> 
         prepare_layer_inputs_fn=eva_layer_inputs, show_progress_bar=False,
     )
     return finish(peft_model, adamw(peft_model, cfg), init_seconds=time.perf_counter() - start,
-                  ranks=adapter_ranks(peft_model))
+                  ranks=adapter_ranks(peft_model), init_batches=len(used))
 
 
 def build_adalora(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> BuiltMethod:

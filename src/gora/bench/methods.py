@@ -38,6 +38,13 @@ NEEDS_INIT_BATCHES = ("loraga", "eva", "gora", "gora_loraplus")
 """Methods whose initialisation reads training batches."""
 
 
+def init_batch_count(method: str, cfg: MethodConfig) -> int:
+    """How many training batches ``method`` initialises from (0 for data-free methods)."""
+    if method not in NEEDS_INIT_BATCHES:
+        return 0
+    return cfg.eva_steps if method == "eva" else cfg.init_steps
+
+
 def build_method(method: str, model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch] = ()) -> BuiltMethod:
     """Build ``method`` on a freshly loaded ``model``.
 

@@ -11,7 +11,7 @@ import torch
 
 from gora.bench.assets import default_model_path, load_classifier, load_tokenizer
 from gora.bench.builders import MethodConfig
-from gora.bench.methods import NEEDS_INIT_BATCHES, build_method
+from gora.bench.methods import build_method, init_batch_count
 from gora.bench.records import Record
 from gora.bench.tasks import BUILTIN_TASKS, TaskData, load_task
 from gora.bench.train import (
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 RECORD_INFO_FIELDS = (
     "init_seconds", "ranks", "gamma", "num_steps", "min_rank", "max_rank", "importance", "budget",
-    "actual_params", "estimation_seconds", "loraplus_ratio", "target_r",
+    "actual_params", "estimation_seconds", "loraplus_ratio", "target_r", "init_batches",
 )
 """Fields a builder may report that go into the record when present."""
 
@@ -101,9 +101,8 @@ class CellRunner:
         data, splits = self.task(task)
         cfg = self.method_config_for(r, lr, total_steps(len(splits[0]), self.train_config), seed)
         device = resolve_device(self.train_config.device)
-        batches = []
-        if method in NEEDS_INIT_BATCHES:
-            batches = init_batches(splits[0], self.tokenizer, self.train_config, seed, cfg.init_steps)
+        count = init_batch_count(method, cfg)
+        batches = init_batches(splits[0], self.tokenizer, self.train_config, seed, count) if count else []
         reset_peak_memory(device)
         torch.manual_seed(seed)  # the head and every random adapter init draw from this
         model = load_classifier(self.model_path, data.num_labels).to(device)
