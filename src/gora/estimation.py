@@ -211,7 +211,9 @@ def run_estimation(
         accumulator.check_each_hook = fp16
         for step in range(config.num_steps):
             batch = next(batch_iterator, _END)
-            if batch is _END:
+            # under DDP, running out of batches is decided together: a rank that left the loop alone
+            # would leave the others waiting in the next collective
+            if distributed.any_process(batch is _END):
                 break
             batch = move_to_device(batch, device)
             scale = _one_step(model, accumulator, batch, loss_fn, step, scale, fp16)
@@ -227,9 +229,10 @@ def run_estimation(
                     logger.info("adaptive steps: importance converged after %d steps (%d samples)", steps, samples)
                     break
     if steps < config.num_steps and "adaptive_steps_stopped_at" not in notes:
+        where = " (on the process with the fewest batches)" if distributed.is_distributed() else ""
         raise GoraDataError(
-            f"the batches gave {steps} items but num_steps={config.num_steps}; pass at least {config.num_steps} "
-            f"batches, or set GoraConfig(num_steps={max(steps, 1)})."
+            f"the batches gave {steps} items{where} but num_steps={config.num_steps}; pass at least "
+            f"{config.num_steps} batches per process, or set GoraConfig(num_steps={max(steps, 1)})."
             if steps else "the batches are empty: estimate_gora needs at least one batch (num_steps of them)."
         )
     if fp16:

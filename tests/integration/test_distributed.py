@@ -88,6 +88,22 @@ def _ddp_estimation(rank: int, workdir: Path) -> None:
     estimate_gora(_tiny_bert(), _lora_config(), batches, gora_config=config).save(workdir / "sharded" / f"rank{rank}")
     state = estimate_gora(_tiny_bert(), _lora_config(), _adaptive_shard(rank), gora_config=GoraConfig(**ADAPTIVE))
     state.save(workdir / "adaptive" / f"rank{rank}")
+    _short_shard(rank, workdir)
+
+
+def _short_shard(rank: int, workdir: Path) -> None:
+    """Rank 1's generator runs out one batch early: every rank must stop and raise, none may hang."""
+    from gora import GoraConfig, GoraDataError, estimate_gora
+
+    count = STEPS if rank == 0 else STEPS - 1
+    shard = (batch for batch in _all_batches()[:count])  # a generator: its length is unknown up front
+    outcome = "no error"
+    try:
+        estimate_gora(_tiny_bert(), _lora_config(), shard, gora_config=GoraConfig(num_steps=STEPS, show_progress=False))
+    except GoraDataError as error:
+        outcome = f"GoraDataError: {error}"
+    (workdir / "short").mkdir(exist_ok=True)
+    (workdir / "short" / f"rank{rank}.txt").write_text(outcome)
 
 
 def _fsdp_apply(rank: int, workdir: Path) -> None:
@@ -246,3 +262,9 @@ def test_fully_shard_training_step_keeps_adapters_identical_across_ranks(runs):
         assert torch.equal(trained[0][key], trained[1][key]), key
     moved = [k for k in trained[0] if not torch.equal(trained[0][k], initial[k.replace(".default.", ".")])]
     assert moved, "the FSDP step did not update the adapters"
+
+
+def test_a_rank_that_runs_out_of_batches_stops_every_rank_with_a_clear_error(runs):
+    outcomes = [(runs / "short" / f"rank{rank}.txt").read_text() for rank in range(WORLD)]
+    assert all(o.startswith("GoraDataError") for o in outcomes), outcomes
+    assert all(f"gave {STEPS - 1} items" in o for o in outcomes), outcomes
