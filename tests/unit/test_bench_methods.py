@@ -119,3 +119,10 @@ def test_eva_draws_its_own_batch_count_and_gradient_methods_use_n():
     cfg = MethodConfig(init_steps=2, eva_steps=32)
     counts = {m: init_batch_count(m, cfg) for m in ("lora", "eva", "gora", "loraga", "full")}
     assert counts == {"lora": 0, "eva": 32, "gora": 2, "loraga": 2, "full": 0}
+
+
+def test_top_class_share_flags_a_collapsed_classifier():
+    from gora.bench.train import top_class_share
+
+    assert top_class_share([1, 1, 1]) == 1.0
+    assert top_class_share([0, 1, 1, 1]) == 0.75

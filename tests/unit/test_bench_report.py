@@ -98,3 +98,13 @@ def test_rank_matrix_is_layer_by_module_type_without_unlayered_modules():
     assert list(matrix.index) == [0, 1]
     assert list(matrix.columns) == ["attention.self.query", "output.dense"]
     assert matrix.loc[0, "output.dense"] == 12 and matrix.loc[1, "attention.self.query"] == 8
+
+
+def test_table_warns_about_runs_collapsed_to_one_class(results):
+    records = json.loads(results.read_text())
+    for r in records:
+        r["test_top_class_share"] = 1.0 if r["method"] == "gora" else 0.6
+    table = markdown_table(records_frame(records))
+    assert "Warning: 2 of 6 runs predict a single class" in table and "gora/rotten_tomatoes" in table
+    records[4]["test_top_class_share"] = records[5]["test_top_class_share"] = 0.9
+    assert "Warning" not in markdown_table(records_frame(records))

@@ -71,7 +71,19 @@ def markdown_table(df: pd.DataFrame) -> str:
         params = _params(rows["params"].mean()) if "params" in rows else "—"
         seeds = "/".join(str(int(n)) for n in rows["n"].unique())
         lines.append("| " + " | ".join([method, *cells, avg, params, seeds]) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + collapse_note(df)
+
+
+def collapse_note(df: pd.DataFrame) -> str:
+    """A warning line when runs predicted one class for every test example (not learned beyond the majority)."""
+    if "test_top_class_share" not in df.columns:
+        return ""
+    collapsed = df[df["test_top_class_share"] >= 1.0]
+    if collapsed.empty:
+        return ""
+    cells = ", ".join(sorted({f"{m}/{t}" for m, t in zip(collapsed["method"], collapsed["task"])}))
+    return (f"\nWarning: {len(collapsed)} of {len(df)} runs predict a single class on every test example "
+            f"(majority-class accuracy; train longer): {cells}.\n")
 
 
 def _pyplot():

@@ -123,6 +123,7 @@ class CellRunner:
             "r": None if full else cfg.r, "lora_alpha": None if full else cfg.lora_alpha,
             "init_seconds": None, "peak_memory_bytes": result.peak_memory_bytes, "ranks": None,
             "device": device_label(device), "steps": result.steps, "final_loss": result.final_loss,
+            "test_top_class_share": result.test_top_class_share,
             "num_labels": data.num_labels, "split_seed": data.split_seed, **{f"{k}_size": v for k, v in data.sizes().items()},
             "max_length": tc.max_length, "batch_size": tc.batch_size, "epochs": tc.epochs, "bf16": tc.bf16,
         }

@@ -7,6 +7,7 @@ master weights. The per-step callback (AdaLoRA) runs after ``optimizer.step()`` 
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import time
@@ -18,6 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from gora.bench.builders import Batch, BuiltMethod
+
+logger = logging.getLogger(__name__)
 
 Encoded = list[dict[str, list[int] | int]]
 
@@ -58,6 +61,8 @@ class TrainResult:
     final_loss: float
     """Mean training loss over the last tenth of the steps."""
     peak_memory_bytes: int
+    test_top_class_share: float
+    """Share of test predictions in the most predicted class; 1.0 = collapsed to one class (not learned yet)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -138,21 +143,34 @@ def train(built: BuiltMethod, data: Encoded, tokenizer, cfg: TrainConfig, seed: 
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, data: Encoded, tokenizer, cfg: TrainConfig) -> float:
-    """Share of examples whose argmax logit equals the label; batches sorted by length to cut padding."""
+def predict(model: torch.nn.Module, data: Encoded, tokenizer, cfg: TrainConfig) -> tuple[list[int], list[int]]:
+    """(predicted classes, labels) in the order of ``data``; batches sorted by length to cut padding."""
     if not data:
         raise ValueError("Cannot evaluate on an empty split; raise the split's size.")
     device = resolve_device(cfg.device)
     model.eval()
     order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))
-    correct = 0
+    predicted = [0] * len(data)
     for start in range(0, len(order), cfg.eval_batch_size):
-        batch = collate([data[i] for i in order[start : start + cfg.eval_batch_size]], tokenizer, device)
-        labels = batch.pop("labels")
+        chunk = order[start : start + cfg.eval_batch_size]
+        batch = collate([data[i] for i in chunk], tokenizer, device)
+        batch.pop("labels")
         with _autocast(cfg, device):
-            logits = model(**batch).logits
-        correct += (logits.argmax(-1) == labels).sum().item()
-    return correct / len(data)
+            classes = model(**batch).logits.argmax(-1).tolist()
+        for i, c in zip(chunk, classes):
+            predicted[i] = c
+    return predicted, [int(ex["labels"]) for ex in data]
+
+
+def accuracy(model: torch.nn.Module, data: Encoded, tokenizer, cfg: TrainConfig) -> float:
+    """Share of examples whose argmax logit equals the label."""
+    predicted, labels = predict(model, data, tokenizer, cfg)
+    return sum(p == y for p, y in zip(predicted, labels)) / len(labels)
+
+
+def top_class_share(predicted: Sequence[int]) -> float:
+    """Share of predictions that go to the most predicted class: 1.0 means the classifier collapsed to one class."""
+    return max(predicted.count(c) for c in set(predicted)) / len(predicted)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -179,9 +197,16 @@ def train_and_evaluate(
     train_split, val_split, test_split = splits
     device = resolve_device(cfg.device)
     stats = train(built, train_split, tokenizer, cfg, seed, desc)
+    predicted, labels = predict(built.model, test_split, tokenizer, cfg)
+    share = top_class_share(predicted)
+    if share == 1.0:
+        logger.warning("%s: every test prediction is class %d after %d steps (loss %.3f): the run has not learned "
+                       "beyond the majority class; train longer (more examples or epochs) or raise the lr.",
+                       desc, predicted[0], stats["steps"], stats["final_loss"])
     return TrainResult(
         val_accuracy=accuracy(built.model, val_split, tokenizer, cfg),
-        test_accuracy=accuracy(built.model, test_split, tokenizer, cfg),
+        test_accuracy=sum(p == y for p, y in zip(predicted, labels)) / len(labels),
         peak_memory_bytes=peak_memory_bytes(device),
+        test_top_class_share=share,
         **stats,
     )
