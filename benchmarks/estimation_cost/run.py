@@ -38,7 +38,7 @@ DEFAULTS = {
             "steps": 2, "batch": 2, "seq": 64, "reps": 1,
             "time": {"size": "minilm", "steps": 4, "batch": 16, "seq": 64, "reps": 3},
             "n_sweep": [8], "throughput_sizes": ["minilm"], "timeout": 900, "threads": 1,
-            "ranks_sketch_dims": [32, 64], "sections": "time,throughput,ranks,scale,nsweep"},
+            "ranks_sketch_dims": [32], "sections": "time,throughput,ranks,scale,nsweep"},
     "cuda": {"dtype": "bfloat16", "sizes": ["llama-3.2-1b", "llama-3.1-8b"],
              "scale_methods": ["lora", "gora", "gora_offload", "gora_sketch", "loraga", "official"],
              "time_methods": ["gora", "gora_sketch", "gora_ckpt", "gora_offload", "loraga", "official"],

@@ -106,16 +106,21 @@ def measure_cost(spec: dict) -> dict:
     cleanup(result)
     del result
     gc.collect()
-    floor_s, method_s, drop_s = [], [], []
+    floor_s, method_s, drop_s, loop_s = [], [], [], []
     for _ in range(spec.get("reps", 1) if spec["method"] != "floor" else 0):
         floor_s.append(m.timed(lambda: m.run_floor(model, batches), device)[0])
         if spec["section"] == "time":
             drop_s.append(m.timed(lambda: m.run_floor_dropping(model, targets, batches), device)[0])
         seconds, result = m.timed(run, device)
         method_s.append(seconds)
+        if spec["method"].startswith("gora"):
+            loop_s.append(result.estimation_seconds)  # the N forward/backward passes alone, without scoring
         cleanup(result)
         del result
     out = {**info, **memory, **extra, "first_run_s": first_s, "floor_s": floor_s, "method_s": method_s}
+    if loop_s:
+        out["loop_s"] = loop_s
+        out["loop_ratio"] = statistics.median(a / b for a, b in zip(loop_s, floor_s))
     if floor_s:
         out["time_ratio"] = statistics.median(a / b for a, b in zip(method_s, floor_s))  # adjacent pairs
         out["time_ratio_min"] = min(method_s) / min(floor_s)
@@ -143,13 +148,13 @@ def _finite_check_share(model, targets, device, floor_step_s: float | None) -> f
     layers = resolve_targets(model, m.lora_config(targets))[0]
     grads = [torch.randn(t.weight.shape, dtype=t.weight.dtype, device=device) for t in layers[:8]]
     scale = sum(t.weight.numel() for t in layers) / sum(g.numel() for g in grads)
-    m.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(3):
+    def check() -> None:
         flags = [torch.isfinite(g.sum()) for g in grads]
         bool(torch.stack(flags).all())
-    m.synchronize(device)
-    return (time.perf_counter() - start) / 3 * scale / floor_step_s
+
+    check()  # warm-up: first kernel launches
+    seconds = min(m.timed(check, device)[0] for _ in range(5))
+    return seconds * scale / floor_step_s
 
 
 # -- throughput --------------------------------------------------------------------------------------
@@ -161,18 +166,20 @@ def measure_throughput(spec: dict) -> dict:
     train = batches[: spec["train_steps"]]
     for trainer in (lora, gora):
         trainer.step(train[0])  # warm-up, optimizer state allocated
-    lora_s, gora_s = [], []
-    for _ in range(spec.get("reps", 3)):
-        lora_s.append(m.timed(lambda: [lora.step(b) for b in train], device)[0])
-        gora_s.append(m.timed(lambda: [gora.step(b) for b in train], device)[0])
+    lora_s, gora_s = [], []  # single steps, alternated (order flipped every round): both see the same load
+    for round_index in range(spec.get("reps", 3)):
+        for batch in train:
+            pair = [(lora, lora_s), (gora, gora_s)]
+            for trainer, times in pair if round_index % 2 == 0 else pair[::-1]:
+                times.append(m.timed(lambda: trainer.step(batch), device)[0])
     trainable = {name: sum(p.numel() for p in t.model.parameters() if p.requires_grad)
                  for name, t in (("lora", lora), ("gora", gora))}
     ranks = {int(mod.r[k]) for mod in gora.model.modules() if hasattr(mod, "r") and isinstance(mod.r, dict)
              for k in mod.r}
-    return {**info, "lora_s": lora_s, "gora_s": gora_s, "train_steps": len(train),
-            "lora_steps_per_s": len(train) / statistics.median(lora_s),
-            "gora_steps_per_s": len(train) / statistics.median(gora_s),
+    return {**info, "lora_s": lora_s, "gora_s": gora_s, "train_steps": len(lora_s),
+            "lora_steps_per_s": 1 / statistics.median(lora_s), "gora_steps_per_s": 1 / statistics.median(gora_s),
             "throughput_ratio": statistics.median(lora_s) / statistics.median(gora_s),
+            "throughput_ratio_paired": statistics.median(a / b for a, b in zip(lora_s, gora_s)),
             "throughput_ratio_best": min(lora_s) / min(gora_s),
             "trainable_params": trainable, "gora_rank_range": [min(ranks), max(ranks)] if ranks else None}
 
