@@ -116,7 +116,12 @@ def ranks_table(records: list[dict]) -> list[str]:
              f"batch {r['batch']}×{r['seq']}, {r['target_layers']} layers)", "",
              "| comparison | Spearman (importance) | equal ranks | within ±1 | mean abs diff | max diff |",
              "|---|---|---|---|---|---|"]
+    shown = set()
     for name, a in r["agreement"].items():
+        first, _, second = name.partition("_vs_")
+        if (second, first) in shown:  # the same pair the other way round
+            continue
+        shown.add((first, second))
         lines.append(f"| {name} | {a['spearman_importance']:.3f} | {a['equal_ranks']:.2f} | {a['within_one']:.2f} | "
                      f"{a['mean_abs_rank_diff']:.2f} | {a['max_abs_rank_diff']} |")
     lines += ["", "Estimation seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()), ""]
@@ -156,7 +161,8 @@ def plot(out: Path, records: list[dict]) -> Path | None:
         timed = [p for p in points if p[2] is not None]
         if timed:
             axes[1].plot([p[0] / 1e6 for p in timed], [p[2] for p in timed], "o-", **style)
-    sweep_size = rows[0]["size"]
+    counts = {size: len({r["steps"] for r in rows if r["size"] == size}) for size in dict.fromkeys(r["size"] for r in rows)}
+    sweep_size = max(counts, key=counts.get)  # the size measured at the most values of N
     for method in ("lora", "gora", "gora_sketch", "official"):
         points = sorted((r["steps"], r.get("host_peak_rss_bytes"), _peak(r)) for r in rows
                         if r["method"] == method and r["size"] == sweep_size and r.get("host_peak_rss_bytes"))
@@ -172,7 +178,7 @@ def plot(out: Path, records: list[dict]) -> Path | None:
                 title=f"Peak memory, N={base_n} ({rows[0]['dtype']}, {device})")
     axes[1].axhline(TIME_TARGET, color="grey", ls="--", lw=1)
     axes[1].set(xscale="log", xlabel="model parameters (M)", ylabel="time ÷ floor (N fwd+bwd)",
-                title="Estimation time vs the floor")
+                title="Estimation time vs the floor (one round each: noisy)")
     axes[2].set(xlabel="N (batches)", ylabel="peak memory (GiB)", title=f"Peak memory vs N ({sweep_size})")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -190,9 +196,17 @@ def write(out: Path, data: dict | list) -> str:
     header = ["## Estimation cost", ""]
     threads = sorted({r["threads"] for r in records if "threads" in r})
     if env:
-        header += [f"{env.get('date')}; torch {env.get('torch')}, transformers {env.get('transformers')}, "
+        kept = f" ({env['records_kept']})" if env.get("records_kept") else ""
+        header += [f"{env.get('date')}{kept}; torch {env.get('torch')}, transformers {env.get('transformers')}, "
                    f"peft {env.get('peft')}; {env.get('gpu') or env.get('cpu')} ({env.get('cpu_count')} CPUs, "
-                   f"{'/'.join(map(str, threads))} torch thread(s) per worker); load average at start {env.get('load_average')}.", ""]
+                   f"{'/'.join(map(str, threads))} torch thread(s) per worker); load average at start "
+                   f"{[round(x, 2) for x in env.get('load_average', [])]}.", ""]
+    for run in data.get("earlier_runs", []) if isinstance(data, dict) else []:
+        header += [f"Records from an earlier run ({run.get('records_kept', 'see results.json')}): {run.get('date')}, "
+                   f"load average at start {[round(x, 2) for x in run.get('load_average', [])]}, "
+                   f"{run.get('total_s', 0) / 60:.1f} min.", ""]
+    if env.get("note"):
+        header += [f"Note: {env['note']}.", ""]
     text = "\n".join(header + time_table(records) + scale_table(records) + throughput_table(records)
                      + ranks_table(records) + failures(records))
     (out / "table.md").write_text(text)

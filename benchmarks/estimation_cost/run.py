@@ -37,16 +37,18 @@ DEFAULTS = {
             "time_methods": ["gora", "gora_sketch", "gora_ckpt", "loraga", "official"],
             "steps": 2, "batch": 2, "seq": 64, "reps": 1,
             "time": {"size": "minilm", "steps": 4, "batch": 16, "seq": 64, "reps": 3},
-            "n_sweep": [8], "throughput_sizes": ["minilm"], "timeout": 900, "threads": 1,
-            "ranks_sketch_dims": [32], "sections": "time,throughput,ranks,scale,nsweep"},
+            "n_sweep": [8], "n_sweep_size": "llama-160m", "throughput_sizes": ["minilm"], "timeout": 900, "threads": 1,
+            "ranks_sketch_dims": [32], "sections": "time,throughput,ranks,scale,nsweep", "max_minutes": 40,
+            "order": ["time", "throughput", "ranks", "scale", "nsweep"]},
     "cuda": {"dtype": "bfloat16", "sizes": ["llama-3.2-1b", "llama-3.1-8b"],
              "scale_methods": ["lora", "gora", "gora_offload", "gora_sketch", "loraga", "official"],
              "time_methods": ["gora", "gora_sketch", "gora_ckpt", "gora_offload", "loraga", "official"],
-             "steps": 4, "batch": 2, "seq": 512, "reps": 2,
+             "steps": 4, "batch": 2, "seq": 512, "reps": 1,
              "time": {"size": "minilm", "steps": 32, "batch": 32, "seq": 128, "reps": 3},
-             "n_sweep": [16], "n_sweep_methods": ["gora", "official"],
+             "n_sweep": [12], "n_sweep_size": "llama-3.2-1b", "n_sweep_methods": ["gora", "official"],
              "throughput_sizes": ["minilm", "llama-3.2-1b"], "timeout": 300, "threads": 0,
-             "ranks_sketch_dims": [16, 32, 64], "sections": "time,throughput,scale,nsweep"},
+             "ranks_sketch_dims": [16, 32, 64], "sections": "time,throughput,scale,nsweep", "max_minutes": 7.5,
+             "order": ["scale", "time", "throughput", "nsweep", "ranks"]},
 }
 
 
@@ -75,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads per worker (0: torch's default; CPU default 1: "
                                                      "on a shared 2-core machine 2 threads were 3-5x slower and erratic)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and N, one round: checks the script in minutes")
+    parser.add_argument("--max-minutes", type=float, help="configurations not started by then are recorded as skipped "
+                                                          "(default 40 on CPU, 7.5 on CUDA)")
     parser.add_argument("--append", action="store_true", help="keep the records already in OUT/results.json")
     parser.add_argument("--report-only", action="store_true", help="only remake table.md and the plot")
     return parser.parse_args(argv)
@@ -86,37 +90,34 @@ def plan(args: argparse.Namespace) -> list[dict]:
     sections = set((args.sections or d["sections"]).split(","))
     threads = d["threads"] if args.threads is None else args.threads
     base = {"device": args.device, "dtype": dtype, "threads": threads}
-    specs: list[dict] = []
     t = d["time"]
     minilm_data = "rotten_tomatoes" if args.device == "cpu" else "random"
-    if "time" in sections:
-        specs += [{**base, "section": "time", "method": method, "size": t["size"], "steps": t["steps"],
-                   "batch": t["batch"], "seq": t["seq"], "reps": t["reps"], "data": minilm_data}
-                  for method in d["time_methods"]]
-    if "throughput" in sections:
-        for size in d["throughput_sizes"]:
-            llama = size != "minilm"
-            specs.append({**base, "section": "throughput", "method": "gora_vs_lora", "size": size,
-                          "steps": 8, "gora_steps": 4 if llama else 8, "train_steps": 4 if llama else 8,
-                          "batch": args.batch or d["batch"] if llama else t["batch"],
-                          "seq": args.seq or d["seq"] if llama else t["seq"], "reps": 3,
-                          "data": "random" if llama else minilm_data})
-    if "ranks" in sections:
-        specs.append({**base, "section": "ranks", "method": "full_vs_sketch", "size": "minilm",
-                      "steps": d["ranks_steps"], "batch": 16, "seq": 64, "data": "rotten_tomatoes",
-                      "sketch_dims": d["ranks_sketch_dims"], "dtype": "float32"})
+    by_section: dict[str, list[dict]] = {}
+    by_section["time"] = [{**base, "section": "time", "method": method, "size": t["size"], "steps": t["steps"],
+                           "batch": t["batch"], "seq": t["seq"], "reps": t["reps"], "data": minilm_data}
+                          for method in d["time_methods"]]
+    by_section["throughput"] = []
+    for size in d["throughput_sizes"]:
+        llama = size != "minilm"
+        by_section["throughput"].append(
+            {**base, "section": "throughput", "method": "gora_vs_lora", "size": size, "steps": 8,
+             "gora_steps": 4 if llama else 8, "train_steps": 4 if llama else 8,
+             "batch": args.batch or d["batch"] if llama else t["batch"],
+             "seq": args.seq or d["seq"] if llama else t["seq"], "reps": 3, "data": "random" if llama else minilm_data})
+    by_section["ranks"] = [{**base, "section": "ranks", "method": "full_vs_sketch", "size": "minilm",
+                            "steps": d["ranks_steps"], "batch": 16, "seq": 64, "data": "rotten_tomatoes",
+                            "sketch_dims": d["ranks_sketch_dims"], "dtype": "float32"}]
     sizes = args.sizes.split(",") if args.sizes else d["sizes"]
     scale_methods = args.methods.split(",") if args.methods else d["scale_methods"]
     steps, batch, seq, reps = (args.steps or d["steps"], args.batch or d["batch"], args.seq or d["seq"],
                                d["reps"] if args.reps is None else args.reps)
-    if "scale" in sections:
-        specs += [{**base, "section": "scale", "method": method, "size": size, "steps": steps, "batch": batch,
-                   "seq": seq, "reps": reps, "data": "random"} for size in sizes for method in scale_methods]
-    if "nsweep" in sections:
-        specs += [{**base, "section": "scale", "method": method, "size": sizes[0], "steps": n, "batch": batch,
-                   "seq": seq, "reps": 0, "data": "random"}
-                  for n in d["n_sweep"] for method in d.get("n_sweep_methods", ["gora", "gora_sketch", "official"])]
-    return specs
+    by_section["scale"] = [{**base, "section": "scale", "method": method, "size": size, "steps": steps, "batch": batch,
+                            "seq": seq, "reps": reps, "data": "random"} for size in sizes for method in scale_methods]
+    sweep_size = d["n_sweep_size"] if d["n_sweep_size"] in sizes else sizes[0]
+    by_section["nsweep"] = [{**base, "section": "scale", "method": method, "size": sweep_size, "steps": n, "batch": batch,
+                             "seq": seq, "reps": 0, "data": "random"}
+                            for n in d["n_sweep"] for method in d.get("n_sweep_methods", ["gora", "gora_sketch", "official"])]
+    return [spec for section in d["order"] if section in sections for spec in by_section[section]]
 
 
 def predicted_host_bytes(spec: dict) -> int:
@@ -179,12 +180,21 @@ def main(argv: list[str] | None = None) -> None:
     timeout = args.timeout or DEFAULTS[args.device]["timeout"]
     previous = json.loads(path.read_text()) if args.append and path.is_file() else {"records": []}
     data = {"environment": environment(args), "records": list(previous.get("records", []))}
-    specs = plan(args)
+    earlier = previous.get("earlier_runs", []) + ([previous["environment"]] if "environment" in previous else [])
+    if earlier:
+        data["earlier_runs"] = earlier  # the environments of the runs whose records were kept (--append)
     started = time.perf_counter()
+    specs = plan(args)
+    max_minutes = DEFAULTS[args.device]["max_minutes"] if args.max_minutes is None else args.max_minutes
     for index, spec in enumerate(specs, 1):
         print(f"[{index}/{len(specs)}] {spec['section']} {spec['method']} {spec['size']} N={spec['steps']} ...",
               end=" ", flush=True)
-        record = run_one(spec, timeout)
+        elapsed = time.perf_counter() - started
+        if elapsed > 60 * max_minutes:
+            record = {**spec, "status": "skipped", "error": f"time budget: {elapsed / 60:.1f} min > --max-minutes "
+                                                            f"{max_minutes}"}
+        else:
+            record = run_one(spec, min(timeout, max(60, int(60 * max_minutes - elapsed) + 60)))
         data["records"].append(record)
         path.write_text(json.dumps(data, indent=1))
         print(f"{record['status']} ({record.get('wall_s', 0):.0f} s)" +

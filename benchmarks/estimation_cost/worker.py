@@ -160,8 +160,9 @@ def _finite_check_share(model, targets, device, floor_step_s: float | None) -> f
 # -- throughput --------------------------------------------------------------------------------------
 def measure_throughput(spec: dict) -> dict:
     model, targets, batches, device, info = _setup(spec)
-    gora_base = m.deep_copy(model)
-    lora = m.LoraTrainer(model, targets)
+    gora_base, lora_base = m.deep_copy(model), m.deep_copy(model)  # both copies: same memory history
+    del model
+    lora = m.LoraTrainer(lora_base, targets)
     gora = m.gora_trainer(gora_base, targets, batches[:spec["gora_steps"]])
     train = batches[: spec["train_steps"]]
     for trainer in (lora, gora):
