@@ -12,23 +12,12 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from gora import GoraConfig, apply_gora, estimate_gora
 from gora.bench.builders import Batch, BuiltMethod, MethodConfig, adamw, finish, lora_config, loraplus_adamw
-
-
-def _import_core():
-    try:
-        from gora import GoraConfig, apply_gora, estimate_gora
-    except ImportError as err:
-        raise ImportError(
-            "The GoRA core API (gora.GoraConfig, gora.estimate_gora, gora.apply_gora) is not importable; "
-            "the gora and gora_loraplus methods need it. Run the other methods or install the full package."
-        ) from err
-    return GoraConfig, estimate_gora, apply_gora
 
 
 def gora_peft_model(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> tuple[nn.Module, dict]:
     """(peft_model, record fields): ranks, gamma, N, rank range, estimation and total init time."""
-    GoraConfig, estimate_gora, apply_gora = _import_core()
     gora_config = GoraConfig(
         num_steps=cfg.init_steps, min_rank=cfg.gora_min_rank, max_rank=cfg.gora_max_rank,
         gamma=cfg.gora_gamma, importance=cfg.gora_importance, seed=cfg.seed,
@@ -39,19 +28,18 @@ def gora_peft_model(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch
     state = estimate_gora(model, config, used, gora_config=gora_config)
     peft_model = apply_gora(model, config, state)
     init_seconds = time.perf_counter() - start
-    min_rank = cfg.gora_min_rank if cfg.gora_min_rank is not None else max(1, cfg.r // 2)
-    max_rank = cfg.gora_max_rank if cfg.gora_max_rank is not None else 4 * cfg.r
+    min_rank, max_rank = gora_config.rank_bounds(cfg.r)
     info = {
         "init_seconds": init_seconds,
-        "estimation_seconds": getattr(state, "estimation_seconds", None),
+        "estimation_seconds": state.estimation_seconds,
         "ranks": {name: int(rank) for name, rank in state.ranks.items()},
         "gamma": cfg.gora_gamma,
         "num_steps": len(used),
         "min_rank": min_rank,
         "max_rank": max_rank,
         "importance": cfg.gora_importance,
-        "budget": getattr(state, "budget", None),
-        "actual_params": getattr(state, "actual_params", None),
+        "budget": state.budget,
+        "actual_params": state.actual_params,
     }
     return peft_model, info
 
