@@ -17,7 +17,7 @@ from .config import GoraConfig, check_gora_config, check_lora_config
 from .errors import GoraDataError
 from .estimation import EstimationRun, LossFn, accumulation_device, model_device, run_estimation
 from .gamma_search import search_gamma
-from .importance import IMPORTANCE_FNS, frobenius_from_sketch
+from .importance import SCORE_FNS, layer_importances, sketch_norm
 from .initialization import draw_a, draw_omega, solve_c
 from .peft_bridge import apply_gora
 from .state import GoraState
@@ -162,22 +162,39 @@ def _reduce_over_processes(targets: list[TargetLayer], run: EstimationRun, a_max
 
 def _score_and_project(targets: list[TargetLayer], sums: dict[str, LayerSums], a_max: dict[str, Tensor],
                        config: GoraConfig) -> tuple[dict[str, float], dict[str, Tensor]]:
-    """Per layer with a gradient: importance and P = Ḡ A_maxᵀ (out × r_max); frees Ḡ layer by layer."""
-    importance, projected = {}, {}
-    for target in targets:
-        layer = sums[target.name]
-        if layer.count == 0:
-            continue
+    """Per layer with a gradient: importance and P = Ḡ A_maxᵀ (out × r_max, on the CPU); frees Ḡ layer by layer.
+
+    The device work of all layers is queued first; the scores and the projections then reach the host in one
+    transfer each, so the number of host syncs does not grow with the number of layers.
+    """
+    layers = [(t, sums[t.name]) for t in targets if sums[t.name].count > 0]
+    # A_max onto the sums' device up front, while the stream is idle (a pageable host→device copy waits for it)
+    a_dev = {t.name: a_max[t.name].to(layer.grad.device) for t, layer in layers if layer.grad is not None}
+    scores, projected = [], {}
+    for target, layer in layers:
         if layer.grad is not None:
             g_bar = layer.grad.div_(layer.count)
             weight = target.weight_out_in().detach().to(g_bar.device)
-            importance[target.name] = IMPORTANCE_FNS[config.importance](weight, g_bar)
-            projected[target.name] = (g_bar @ a_max[target.name].to(g_bar.device).t()).cpu()
+            scores.append((target.name, SCORE_FNS[config.importance](weight, g_bar), None))
+            projected[target.name] = g_bar @ a_dev.pop(target.name).t()
             layer.grad = None  # free Ḡ now: peak stays at the accumulators
         else:
-            importance[target.name] = frobenius_from_sketch(layer.frob / layer.count)
-            projected[target.name] = (layer.proj / layer.count).cpu()
-    return importance, projected
+            scores.append((target.name, sketch_norm(layer.frob / layer.count), layer.frob.shape[1]))
+            projected[target.name] = layer.proj / layer.count
+    return layer_importances(scores), _to_host(projected)
+
+
+def _to_host(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors on the CPU, copied in one device→host transfer (one sync) instead of one per tensor.
+
+    The device tensors are concatenated first: the small projections are briefly held twice on the device.
+    """
+    on_device = [name for name, tensor in tensors.items() if tensor.device.type != "cpu"]
+    if not on_device:
+        return tensors
+    flat = torch.cat([tensors[name].reshape(-1) for name in on_device]).cpu()
+    chunks = flat.split([tensors[name].numel() for name in on_device])
+    return {**tensors, **{name: chunk.view(tensors[name].shape) for name, chunk in zip(on_device, chunks)}}
 
 
 def _initial_factors(ranks: dict[str, int], a_max: dict[str, Tensor], projected: dict[str, Tensor]

@@ -18,7 +18,7 @@ from . import distributed
 from .accumulate import GradientAccumulator, GradientCheckpointing, LayerSums, SketchOperators
 from .config import GoraConfig
 from .errors import GoraDataError, GoraNumericalError
-from .importance import IMPORTANCE_FNS, frobenius_from_sketch
+from .importance import SCORE_FNS, layer_importances, sketch_norm
 from .targets import TargetLayer, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -166,17 +166,18 @@ def _one_step(model, accumulator: GradientAccumulator, batch, loss_fn, step: int
 
 
 def _running_importance(targets: list[TargetLayer], sums: dict[str, LayerSums], config: GoraConfig) -> dict[str, float]:
-    scores = {}
+    """Every layer's importance so far; the scores are read with one device sync, not one per layer."""
+    scores = []
     for target in targets:
         layer = sums[target.name]
         if layer.count == 0:
             continue
         if layer.grad is not None:
             weight = target.weight_out_in().detach().to(layer.grad.device)
-            scores[target.name] = IMPORTANCE_FNS[config.importance](weight, layer.grad / layer.count)
+            scores.append((target.name, SCORE_FNS[config.importance](weight, layer.grad / layer.count), None))
         elif layer.frob is not None:
-            scores[target.name] = frobenius_from_sketch(layer.frob / layer.count)
-    return scores
+            scores.append((target.name, sketch_norm(layer.frob / layer.count), layer.frob.shape[1]))
+    return layer_importances(scores)
 
 
 def _converged(previous: dict[str, float], current: dict[str, float], threshold: float) -> bool:

@@ -1,12 +1,14 @@
 """Layer importance scores (pure tensor functions) and their normalisation.
 
-All take the weight W and the mean gradient Ḡ as (out, in) tensors and compute in fp32.
+All take the weight W and the mean gradient Ḡ as (out, in) tensors and compute in fp32. The ``*_score``
+functions return 0-dim tensors on the gradient's device (no host sync); ``layer_importances`` reads the
+scores of all layers with one device→host transfer. The ``importance_*`` functions return floats.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -14,19 +16,41 @@ from torch import Tensor
 from .errors import GoraNumericalError
 
 
-def importance_mean_abs(weight: Tensor, grad: Tensor) -> float:
+def mean_abs_score(weight: Tensor, grad: Tensor) -> Tensor:
     """I = mean |W ⊙ Ḡ| (size-normalised first-order sensitivity; the paper's score)."""
-    return (weight.float() * grad.float()).abs().mean().item()
+    return (weight.float() * grad.float()).abs().mean()
+
+
+def frobenius_score(weight: Tensor, grad: Tensor) -> Tensor:
+    """I = ||W ⊙ Ḡ||_F (the official parser's default)."""
+    return torch.linalg.vector_norm(weight.float() * grad.float())
+
+
+def grad_nuclear_score(weight: Tensor, grad: Tensor) -> Tensor:
+    """I = ||Ḡ||_* (sum of singular values of the mean gradient)."""
+    return torch.linalg.matrix_norm(grad.float(), ord="nuc")
+
+
+SCORE_FNS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "mean_abs": mean_abs_score,
+    "frobenius": frobenius_score,
+    "grad_nuclear": grad_nuclear_score,
+}
+
+
+def importance_mean_abs(weight: Tensor, grad: Tensor) -> float:
+    """``mean_abs_score`` as a float (one host sync)."""
+    return mean_abs_score(weight, grad).item()
 
 
 def importance_frobenius(weight: Tensor, grad: Tensor) -> float:
-    """I = ||W ⊙ Ḡ||_F (the official parser's default)."""
-    return torch.linalg.vector_norm(weight.float() * grad.float()).item()
+    """``frobenius_score`` as a float (one host sync)."""
+    return frobenius_score(weight, grad).item()
 
 
 def importance_grad_nuclear(weight: Tensor, grad: Tensor) -> float:
-    """I = ||Ḡ||_* (sum of singular values of the mean gradient)."""
-    return torch.linalg.matrix_norm(grad.float(), ord="nuc").item()
+    """``grad_nuclear_score`` as a float (one host sync)."""
+    return grad_nuclear_score(weight, grad).item()
 
 
 IMPORTANCE_FNS: dict[str, Callable[[Tensor, Tensor], float]] = {
@@ -36,10 +60,33 @@ IMPORTANCE_FNS: dict[str, Callable[[Tensor, Tensor], float]] = {
 }
 
 
+def sketch_norm(sketch: Tensor) -> Tensor:
+    """||Y||_F in float64, a 0-dim tensor on Y's device; ``frobenius_from_norm`` finishes the estimate."""
+    return torch.linalg.vector_norm(sketch.double())
+
+
+def frobenius_from_norm(norm: float, k: int) -> float:
+    """Estimate ||M||_F from ||Y||_F, Y = M Ω with Ω (in × k) standard Gaussian: E||Y||²_F / k = ||M||²_F."""
+    return math.sqrt(norm ** 2 / k)
+
+
 def frobenius_from_sketch(sketch: Tensor) -> float:
-    """Estimate ||M||_F from Y = M Ω with Ω (in × k) standard Gaussian: E||Y||²_F / k = ||M||²_F."""
-    k = sketch.shape[1]
-    return math.sqrt(torch.linalg.vector_norm(sketch.double()).item() ** 2 / k)
+    """Estimate ||M||_F from the sketch Y = M Ω (see ``frobenius_from_norm``)."""
+    return frobenius_from_norm(sketch_norm(sketch).item(), sketch.shape[1])
+
+
+def layer_importances(scores: Sequence[tuple[str, Tensor, int | None]]) -> dict[str, float]:
+    """{name: importance} from (name, 0-dim score, k) per layer, with one device→host transfer for all of them.
+
+    ``k`` is ``None`` for a ``*_score`` value and the sketch's column count for a ``sketch_norm``. The scores
+    are stacked in float64, which holds every fp32 and fp64 value exactly: each float equals ``score.item()``.
+    """
+    if not scores:
+        return {}
+    device = scores[0][1].device
+    values = torch.stack([score.to(device, torch.float64) for _, score, _ in scores]).tolist()
+    return {name: value if k is None else frobenius_from_norm(value, k)
+            for (name, _, k), value in zip(scores, values)}
 
 
 def normalise(importance: Mapping[str, float]) -> dict[str, float]:
