@@ -24,6 +24,10 @@ from torch import nn
 Batch = dict[str, torch.Tensor]
 
 
+GAMMA_BATCHES = 4
+"""Training batches after the first N that adaptive gamma scores on (``GoraConfig.gamma_batches``)."""
+
+
 @dataclass
 class MethodConfig:
     """Settings shared by all methods; each builder reads what it needs."""
@@ -52,6 +56,8 @@ class MethodConfig:
     gora_min_rank: int | None = None
     gora_max_rank: int | None = None
     gora_importance: str = "mean_abs"
+    gora_adaptive_gamma: bool = False
+    """Choose gamma per run on ``GoraConfig.gamma_batches`` held-out training batches (spec 4.2; never test data)."""
     seed: int = 0
     """Seed of GoRA's per-layer A draws."""
 

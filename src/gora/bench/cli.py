@@ -65,6 +65,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--gora-steps", type=int, default=32, help="batches for GoRA/LoRA-GA gradient estimation (N)")
     m.add_argument("--eva-steps", type=int, default=32, help="distinct batches EVA cycles through")
     m.add_argument("--gamma", type=float, default=5e-2, help="GoRA's initialisation scale")
+    m.add_argument("--adaptive-gamma", action="store_true",
+                   help="GoRA picks gamma per run on 4 held-out training batches (the value goes in the record)")
+    m.add_argument("--gora-min-rank", type=int, help="GoRA's smallest rank (default r/2; r with --gora-max-rank r "
+                                                     "keeps LoRA's ranks and isolates the initialisation)")
+    m.add_argument("--gora-max-rank", type=int, help="GoRA's largest rank (default 4r)")
     m.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
     m.add_argument("--out-dir", required=True, help="grid folder: results.json, lr_search.json, table, plots")
     m.add_argument("--no-report", action="store_true", help="skip the table and plots at the end")
@@ -84,7 +89,9 @@ def _grid_kwargs(args: argparse.Namespace, methods: Sequence[str]) -> dict:
         "train_config": TrainConfig(max_length=args.max_length, batch_size=args.batch_size, epochs=args.epochs,
                                     warmup_ratio=args.warmup_ratio, device=args.device, bf16=args.bf16,
                                     progress=not args.no_progress),
-        "method_config": MethodConfig(init_steps=args.gora_steps, eva_steps=args.eva_steps, gora_gamma=args.gamma),
+        "method_config": MethodConfig(init_steps=args.gora_steps, eva_steps=args.eva_steps, gora_gamma=args.gamma,
+                                      gora_adaptive_gamma=args.adaptive_gamma, gora_min_rank=args.gora_min_rank,
+                                      gora_max_rank=args.gora_max_rank),
         "data_config": DataConfig(split_seed=args.split_seed, max_train=args.max_train, max_val=args.max_val,
                                   max_test=args.max_test, data_dir=args.data_dir,
                                   user_tasks={name: (train, test) for name, train, test in args.user_task}),

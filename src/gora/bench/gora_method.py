@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from gora import GoraConfig, apply_gora, estimate_gora
-from gora.bench.builders import Batch, BuiltMethod, MethodConfig, adamw, finish, lora_config, loraplus_adamw
+from gora.bench.builders import GAMMA_BATCHES, Batch, BuiltMethod, MethodConfig, adamw, finish, lora_config, loraplus_adamw
 
 
 def gora_peft_model(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> tuple[nn.Module, dict]:
@@ -21,11 +21,13 @@ def gora_peft_model(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch
     gora_config = GoraConfig(
         num_steps=cfg.init_steps, min_rank=cfg.gora_min_rank, max_rank=cfg.gora_max_rank,
         gamma=cfg.gora_gamma, importance=cfg.gora_importance, seed=cfg.seed,
+        adaptive_gamma=cfg.gora_adaptive_gamma, gamma_batches=GAMMA_BATCHES,
     )
-    used = list(batches[: cfg.init_steps])
+    used, held_out = list(batches[: cfg.init_steps]), list(batches[cfg.init_steps :])
     config = lora_config(cfg)
     start = time.perf_counter()
-    state = estimate_gora(model, config, used, gora_config=gora_config)
+    extra = {"eval_batches": held_out} if cfg.gora_adaptive_gamma else {}
+    state = estimate_gora(model, config, used, gora_config=gora_config, **extra)
     peft_model = apply_gora(model, config, state)
     init_seconds = time.perf_counter() - start
     min_rank, max_rank = gora_config.rank_bounds(cfg.r)
@@ -33,7 +35,8 @@ def gora_peft_model(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch
         "init_seconds": init_seconds,
         "estimation_seconds": state.estimation_seconds,
         "ranks": {name: int(rank) for name, rank in state.ranks.items()},
-        "gamma": cfg.gora_gamma,
+        "gamma": state.gamma,
+        "adaptive_gamma": cfg.gora_adaptive_gamma,
         "num_steps": len(used),
         "min_rank": min_rank,
         "max_rank": max_rank,

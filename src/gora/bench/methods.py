@@ -9,6 +9,7 @@ from torch import nn
 from gora.bench.builders import (
     Batch,
     Builder,
+    GAMMA_BATCHES,
     BuiltMethod,
     MethodConfig,
     build_adalora,
@@ -42,7 +43,10 @@ def init_batch_count(method: str, cfg: MethodConfig) -> int:
     """How many training batches ``method`` initialises from (0 for data-free methods)."""
     if method not in NEEDS_INIT_BATCHES:
         return 0
-    return cfg.eva_steps if method == "eva" else cfg.init_steps
+    if method == "eva":
+        return cfg.eva_steps
+    held_out = GAMMA_BATCHES if method.startswith("gora") and cfg.gora_adaptive_gamma else 0
+    return cfg.init_steps + held_out
 
 
 def build_method(method: str, model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch] = ()) -> BuiltMethod:
