@@ -3,6 +3,8 @@
     python benchmarks/grid/merge_results.py runs/h100-grid benchmarks/results/h100/grid
     python benchmarks/grid/merge_results.py runs/h100-sweep runs/h100-grid benchmarks/results/h100/rank-sweep \
         --tasks rotten_tomatoes --methods lora gora full        # the sweep reuses the grid's r = 8 cells
+    python benchmarks/grid/merge_results.py "runs/h100-followup/merged/gora-gamma0=gora, gamma 0" ... OUT
+                                                                # FOLDER=LABEL renames its methods ({method} = old name)
 
 Writes ``results.json`` and ``lr_search.json`` (every record of every part, sorted by task, method, seed),
 ``grid_configs.json`` (each part's ``grid_config.json``, keyed by its folder) and the table and plots.
@@ -19,27 +21,41 @@ from gora.bench.grid import CONFIG_FILE, LR_SEARCH_FILE, RESULTS_FILE
 from gora.bench.records import cell_key, load_records, save_records
 from gora.bench.report import write_report
 
+CONFIGS_FILE = "grid_configs.json"
+
 
 def merge(grid_dirs: list[Path], out_dir: Path, tasks=None, methods=None) -> int:
+    labels = {}  # "folder=LABEL" renames every method found under that folder to LABEL
+    for i, spec in enumerate(map(str, grid_dirs)):
+        folder, _, label = spec.partition("=")
+        grid_dirs[i] = Path(folder)
+        if label:
+            labels[Path(folder)] = label
     parts = sorted(p.parent for d in grid_dirs for p in d.glob(f"**/{RESULTS_FILE}"))
     if not parts:
         raise SystemExit(f"No {RESULTS_FILE} under {', '.join(map(str, grid_dirs))}.")
     keep = lambda r: (not tasks or r["task"] in tasks) and (not methods or r["method"] in methods)  # noqa: E731
     results, lr_runs, configs, seen = [], [], {}, set()
     for part in parts:
+        label = next((text for folder, text in labels.items() if folder in (part, *part.parents)), None)
         for record in filter(keep, load_records(part / RESULTS_FILE)):
+            record = {**record, "method": label.format(method=record["method"])} if label else record
             if cell_key(record) in seen:
                 raise SystemExit(f"Cell {cell_key(record)} appears twice (again in {part}).")
             seen.add(cell_key(record))
             results.append(record)
         if (part / LR_SEARCH_FILE).exists():
-            lr_runs += filter(keep, load_records(part / LR_SEARCH_FILE))
-        configs[str(part)] = json.loads((part / CONFIG_FILE).read_text())
+            searched = filter(keep, load_records(part / LR_SEARCH_FILE))
+            lr_runs += [{**r, "method": label.format(method=r["method"])} if label else r for r in searched]
+        if (part / CONFIG_FILE).exists():
+            configs[str(part)] = json.loads((part / CONFIG_FILE).read_text())
+        if (part / CONFIGS_FILE).exists():  # a merged folder keeps its parts' settings
+            configs.update(json.loads((part / CONFIGS_FILE).read_text()))
     order = lambda r: (r["task"], r["method"], r.get("r") or 0, r["seed"], r.get("lr") or 0)  # noqa: E731
     out_dir.mkdir(parents=True, exist_ok=True)
     save_records(out_dir / RESULTS_FILE, sorted(results, key=order))
     save_records(out_dir / LR_SEARCH_FILE, sorted(lr_runs, key=order))
-    (out_dir / "grid_configs.json").write_text(json.dumps(configs, indent=1, sort_keys=True) + "\n")
+    (out_dir / CONFIGS_FILE).write_text(json.dumps(configs, indent=1, sort_keys=True) + "\n")
     write_report(out_dir / RESULTS_FILE)
     return len(results)
 
@@ -52,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.folders) < 2:
         parser.error("give at least one grid folder and the published folder")
-    *sources, out = args.folders
+    *sources, out = args.folders  # a source may read FOLDER=LABEL
     print(f"{merge(sources, out, args.tasks, args.methods)} records in {out}")
 
 

@@ -32,7 +32,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gora.bench.grid import LR_SEARCH_FILE, RESULTS_FILE, select_lr
+from gora.bench.grid import CONFIG_FILE, LR_SEARCH_FILE, RESULTS_FILE, select_lr
 from gora.bench.records import load_records, save_records
 
 
@@ -141,8 +141,12 @@ def run_plan(plan: dict, out: Path, jobs: int, budget: float) -> None:
 
 
 def merge_study(name: str, groups: list[Group], out: Path) -> None:
-    results, searches = [], []
+    results, searches, configs = [], [], {}
     for group in groups:
+        for run in group.search:
+            path = run.folder(out) / CONFIG_FILE
+            if path.is_file():
+                configs[str(run.folder(out))] = json.loads(path.read_text())
         first_seed = group.study["seeds"][0]
         search = [r for r in (record_of(run, out) for run in group.search if run.seed == first_seed) if r]
         if len(group.study["lrs"][group.method]) > 1:
@@ -151,12 +155,15 @@ def merge_study(name: str, groups: list[Group], out: Path) -> None:
             continue
         for seed in group.study["seeds"]:
             record = record_of(Run(name, group.method, group.task, group.chosen, seed), out)
+            path = Run(name, group.method, group.task, group.chosen, seed).folder(out) / CONFIG_FILE
             if record is not None:
                 results.append(record)
+                configs[str(path.parent)] = json.loads(path.read_text())
     target = out / "merged" / name
     target.mkdir(parents=True, exist_ok=True)
     save_records(target / RESULTS_FILE, results)
     save_records(target / LR_SEARCH_FILE, searches)
+    (target / "grid_configs.json").write_text(json.dumps(configs, indent=1, sort_keys=True) + "\n")
     print(f"{name}: {len(results)} results, {len(searches)} search runs -> {target}", flush=True)
 
 
@@ -166,7 +173,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder of the run folders and merged/")
     parser.add_argument("--jobs", type=int, default=12, help="processes at once")
     parser.add_argument("--budget", type=float, default=float("inf"), help="seconds; later runs are not started")
+    parser.add_argument("--merge-only", action="store_true", help="only rewrite merged/ from finished runs")
     args = parser.parse_args()
+    if args.merge_only:
+        args.budget = 0.0  # every run is skipped or refused, then merged
     run_plan(json.loads(args.plan.read_text()), args.out, args.jobs, args.budget)
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from gora import GoraConfig
 from gora.bench.builders import MethodConfig
 from gora.bench.cli import METHOD_IDS
 from gora.bench.methods import ADAPTER_METHODS, METHODS, build_method
@@ -126,3 +127,21 @@ def test_top_class_share_flags_a_collapsed_classifier():
 
     assert top_class_share([1, 1, 1]) == 1.0
     assert top_class_share([0, 1, 1, 1]) == 0.75
+
+
+def test_adaptive_gamma_scores_on_held_out_batches_and_records_its_choice():
+    from gora.bench.builders import GAMMA_BATCHES
+    from gora.bench.methods import init_batch_count
+
+    cfg = MethodConfig(target_modules=TARGETS, init_steps=2, total_steps=10, gora_adaptive_gamma=True)
+    assert init_batch_count("gora", cfg) == 2 + GAMMA_BATCHES
+    assert init_batch_count("loraga", cfg) == 2  # only GoRA holds batches out
+    info = build_method("gora", _model(), cfg, _batches(n=2 + GAMMA_BATCHES)).info
+    assert info["adaptive_gamma"] is True and info["num_steps"] == 2
+    assert info["gamma"] == 0.0 or info["gamma"] in GoraConfig().resolved_gamma_grid()
+
+
+def test_rank_range_options_reach_gora():
+    cfg = MethodConfig(target_modules=TARGETS, init_steps=2, total_steps=10, gora_min_rank=8, gora_max_rank=8)
+    info = build_method("gora", _model(), cfg, _batches(n=2)).info
+    assert set(info["ranks"].values()) == {8} and (info["min_rank"], info["max_rank"]) == (8, 8)

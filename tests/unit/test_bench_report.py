@@ -108,3 +108,13 @@ def test_table_warns_about_runs_collapsed_to_one_class(results):
     assert "Warning: 2 of 6 runs predict a single class" in table and "gora/rotten_tomatoes" in table
     records[4]["test_top_class_share"] = records[5]["test_top_class_share"] = 0.9
     assert "Warning" not in markdown_table(records_frame(records))
+
+
+def test_rank_sweep_gets_one_row_per_method_and_rank():
+    records = [{**_record("lora", "rotten_tomatoes", s, v, 1000 * r), "r": r}
+               for r, v in ((2, 0.70), (8, 0.80)) for s in (0, 1)]
+    records += [{**_record("full", "rotten_tomatoes", 0, 0.9, 10**6), "r": None}]
+    table = markdown_table(records_frame(records))
+    assert _row(table, "lora r=2")[1] == "70.00 ± 0.00" and _row(table, "lora r=8")[1] == "80.00 ± 0.00"
+    assert _row(table, "full")[1] == "90.00 ± 0.00"
+    assert "| lora |" not in table  # a method at one rank keeps its plain name (see the fixture tables above)

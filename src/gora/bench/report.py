@@ -37,6 +37,10 @@ def records_frame(records: Sequence[Record]) -> pd.DataFrame:
     missing = {"method", "task", "seed", "value"} - set(df.columns)
     if missing:
         raise ValueError(f"Records lack field(s) {sorted(missing)}; see benchmark-format.md.")
+    if "r" in df.columns:  # a rank sweep: one row per (method, r) for methods run at several ranks
+        swept = df.groupby("method")["r"].nunique()
+        rows = df["method"].isin(swept[swept > 1].index) & df["r"].notna()
+        df.loc[rows, "method"] = df.loc[rows, "method"] + " r=" + df.loc[rows, "r"].astype(int).astype(str)
     return df
 
 
