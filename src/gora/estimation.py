@@ -132,13 +132,46 @@ def _loss_error(step: int, value: float) -> GoraNumericalError:
     )
 
 
+DEFERRED_CHECK_STEPS = 8
+"""On an accelerator, the NaN/Inf flags of bf16/fp32 steps are read every this many steps (and before the sums are
+read): one host sync per 8 steps instead of one per step, and a failure still stops estimation within 8 steps."""
+
+
+def _check_every(device: torch.device) -> int:
+    """Steps between reads of the deferred NaN/Inf flags: every step on the CPU, where a read costs no sync."""
+    return 1 if device.type == "cpu" else DEFERRED_CHECK_STEPS
+
+
+def _gradient_error(layers: list[str], step: int) -> GoraNumericalError:
+    return GoraNumericalError(
+        f"the gradient of {layers[:3]} at estimation step {step} contains NaN or Inf; "
+        "check the batch and the model's dtype, or run estimation in fp32."
+    )
+
+
+def _raise_first_failure(accumulator: GradientAccumulator) -> None:
+    """Raise for the first deferred step whose loss or gradients had a NaN/Inf (one device sync)."""
+    failure = accumulator.first_failure()
+    if failure is not None:
+        step, layers, (loss_ok,), loss = failure
+        raise _loss_error(step, float(loss.float())) if not loss_ok else _gradient_error(layers, step)
+
+
 def _one_step(model, accumulator: GradientAccumulator, batch, loss_fn, step: int, scale: float, fp16: bool) -> float:
     """Forward and backward of one batch; fp16: halve the loss scale and redo the missing layers on overflow.
 
-    The loss and every layer's gradient are checked for NaN/Inf with one device sync, after backward (a sync
-    between forward and backward would stall the device queue). A non-finite loss is reported as such, before
-    any gradient; the sums it touched are never used, since estimation stops with the error.
+    The loss and every layer's gradient are checked for NaN/Inf after backward (a sync between forward and
+    backward would stall the device queue). In fp16 the check reads the flags at once, to redo an overflowed
+    step; otherwise it is deferred to :func:`_raise_first_failure` (no per-step sync), which runs before any sum
+    is read. A non-finite loss is reported as such, before any gradient of its step.
     """
+    if not fp16:
+        accumulator.begin_step(scale)
+        loss = compute_loss(model, batch, loss_fn)
+        loss.backward()
+        loss = loss.detach()
+        accumulator.defer_step(step, [torch.isfinite(loss).reshape(())], payload=loss)
+        return scale
     redo = False
     while True:
         accumulator.begin_step(scale, redo=redo)
@@ -150,11 +183,8 @@ def _one_step(model, accumulator: GradientAccumulator, batch, loss_fn, step: int
             raise _loss_error(step, float(loss.detach().float()))
         if not bad:
             return scale
-        if not fp16:
-            raise GoraNumericalError(
-                f"the gradient of {bad[:3]} at estimation step {step} contains NaN or Inf; "
-                "check the batch and the model's dtype, or run estimation in fp32."
-            )
+        if not fp16:  # not reached: bf16/fp32 steps are checked by _raise_first_failure
+            raise _gradient_error(bad, step)
         if scale / 2 < 1.0:
             raise GoraNumericalError(
                 f"fp16 gradients of {bad[:3]} overflow at step {step} even without loss scaling; "
@@ -202,6 +232,7 @@ def run_estimation(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start, steps, samples = time.perf_counter(), 0, 0
+    check_every = _check_every(device)
     notes: dict[str, Any] = {"accumulation_device": acc_device.type}
     previous: dict[str, float] = {}
     bar = tqdm(total=config.num_steps, desc="GoRA gradient estimation", unit="step",
@@ -220,7 +251,10 @@ def run_estimation(
             scale = _one_step(model, accumulator, batch, loss_fn, step, scale, fp16)
             steps, samples = steps + 1, samples + batch_size(batch)
             bar.update(1)
+            if steps % check_every == 0:
+                _raise_first_failure(accumulator)
             if config.adaptive_steps and steps >= config.min_steps - 1:
+                _raise_first_failure(accumulator)  # the sums are about to be read
                 accumulator.synchronize()  # offloaded sums complete before they are read
                 current = _running_importance(targets, accumulator.sums, config)
                 done = steps >= config.min_steps and _converged(previous, current, config.convergence_threshold)
@@ -229,6 +263,7 @@ def run_estimation(
                     notes["adaptive_steps_stopped_at"] = steps
                     logger.info("adaptive steps: importance converged after %d steps (%d samples)", steps, samples)
                     break
+        _raise_first_failure(accumulator)
     if steps < config.num_steps and "adaptive_steps_stopped_at" not in notes:
         where = " (on the process with the fewest batches)" if distributed.is_distributed() else ""
         raise GoraDataError(
