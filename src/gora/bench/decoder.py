@@ -57,7 +57,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gora.bench.records import Record, append_record, cell_key, load_records
-from gora.bench.train import peak_memory_bytes, reset_peak_memory, resolve_device, shuffled_batches
+from gora.bench.train import optimise, peak_memory_bytes, reset_peak_memory, resolve_device, shuffled_batches
 
 logger = logging.getLogger(__name__)
 
@@ -335,28 +335,14 @@ def build(method: str, model: torch.nn.Module, cfg: DecoderConfig, batches: Sequ
 def train_steps(model: torch.nn.Module, data: Sequence[dict], cfg: DecoderConfig, lr: float, seed: int,
                 pad_id: int, desc: str = "train") -> dict:
     """AdamW + linear warmup/decay for ``cfg.steps`` steps on seeded shuffled batches; returns timing and loss."""
-    from transformers import get_linear_schedule_with_warmup
-
     device = resolve_device(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * cfg.steps), cfg.steps)
-    stream = shuffled_batches(list(data), cfg.batch_size, seed)
-    losses: list[float] = []
-    model.train()
-    start = time.perf_counter()
-    for _ in tqdm(range(cfg.steps), desc=desc, leave=False, disable=not cfg.progress, unit="step"):
-        loss = model(**collate_train(next(stream), pad_id, device)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    seconds = time.perf_counter() - start
+    batches = (collate_train(b, pad_id, device) for b in shuffled_batches(list(data), cfg.batch_size, seed))
+    result = optimise(model, optimizer, batches, cfg.steps, warmup_ratio=cfg.warmup_ratio,
+                      max_grad_norm=cfg.max_grad_norm, progress=cfg.progress, desc=desc)
     model.eval()
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"train_seconds": seconds, "steps": cfg.steps, "first_loss": losses[0], "final_loss": sum(tail) / len(tail)}
+    return result
 
 
 @torch.no_grad()

@@ -113,33 +113,49 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
 
-def train(built: BuiltMethod, data: Encoded, tokenizer, cfg: TrainConfig, seed: int, desc: str = "train") -> dict:
-    """Train ``built.model`` in place; returns ``train_seconds``, ``steps`` and ``final_loss``."""
+def optimise(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Batch], steps: int, *,
+             warmup_ratio: float, max_grad_norm: float, progress: bool = True, desc: str = "train",
+             autocast=None, step_callback=None) -> dict:
+    """``steps`` AdamW-style steps with linear warmup/decay and grad-norm clipping; the loop every bench task shares.
+
+    ``batches`` yields ready batches for ``model(**batch).loss``; ``step_callback(step)`` runs after
+    ``optimizer.step()`` and before ``zero_grad()`` (AdaLoRA). Returns ``train_seconds``, ``steps``, ``first_loss``
+    and ``final_loss`` (mean of the last tenth).
+    """
+    from contextlib import nullcontext
+
     from transformers import get_linear_schedule_with_warmup
 
-    device = resolve_device(cfg.device)
-    model, optimizer = built.model, built.optimizer
-    steps = total_steps(len(data), cfg)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * steps), steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(warmup_ratio * steps), steps)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    stream = shuffled_batches(data, cfg.batch_size, seed)
     losses: list[float] = []
     model.train()
     start = time.perf_counter()
-    for step in tqdm(range(1, steps + 1), desc=desc, leave=False, disable=not cfg.progress, unit="step"):
-        with _autocast(cfg, device):
-            loss = model(**collate(next(stream), tokenizer, device)).loss
+    for step in tqdm(range(1, steps + 1), desc=desc, leave=False, disable=not progress, unit="step"):
+        with autocast() if autocast is not None else nullcontext():
+            loss = model(**next(batches)).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         scheduler.step()
-        if built.step_callback is not None:
-            built.step_callback(step)
+        if step_callback is not None:
+            step_callback(step)
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())  # CPU-GPU sync point; negligible next to the step at these sizes
     seconds = time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 10) :]
-    return {"train_seconds": seconds, "steps": steps, "final_loss": sum(tail) / len(tail)}
+    return {"train_seconds": seconds, "steps": steps, "first_loss": losses[0], "final_loss": sum(tail) / len(tail)}
+
+
+def train(built: BuiltMethod, data: Encoded, tokenizer, cfg: TrainConfig, seed: int, desc: str = "train") -> dict:
+    """Train ``built.model`` in place; returns ``train_seconds``, ``steps`` and ``final_loss``."""
+    device = resolve_device(cfg.device)
+    batches = (collate(b, tokenizer, device) for b in shuffled_batches(data, cfg.batch_size, seed))
+    result = optimise(built.model, built.optimizer, batches, total_steps(len(data), cfg),
+                      warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm, progress=cfg.progress,
+                      desc=desc, autocast=lambda: _autocast(cfg, device), step_callback=built.step_callback)
+    del result["first_loss"]
+    return result
 
 
 @torch.no_grad()
