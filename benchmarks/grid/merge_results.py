@@ -25,12 +25,9 @@ CONFIGS_FILE = "grid_configs.json"
 
 
 def merge(grid_dirs: list[Path], out_dir: Path, tasks=None, methods=None) -> int:
-    labels = {}  # "folder=LABEL" renames every method found under that folder to LABEL
-    for i, spec in enumerate(map(str, grid_dirs)):
-        folder, _, label = spec.partition("=")
-        grid_dirs[i] = Path(folder)
-        if label:
-            labels[Path(folder)] = label
+    specs = [str(spec).partition("=") for spec in grid_dirs]  # "FOLDER=LABEL" renames the folder's methods
+    grid_dirs = [Path(folder) for folder, _, _ in specs]
+    labels = {Path(folder): label for folder, _, label in specs if label}
     parts = sorted(p.parent for d in grid_dirs for p in d.glob(f"**/{RESULTS_FILE}"))
     if not parts:
         raise SystemExit(f"No {RESULTS_FILE} under {', '.join(map(str, grid_dirs))}.")

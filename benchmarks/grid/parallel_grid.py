@@ -115,6 +115,16 @@ def later_runs(group: Group, out: Path) -> list[Run]:
             for seed in group.study["seeds"] if seed not in done]
 
 
+def merge_plan(plan: dict, out: Path, groups: list[Group] | None = None) -> None:
+    """Write ``merged/<study>/`` from the finished runs (choosing each group's rate if not yet chosen)."""
+    groups = groups if groups is not None else groups_of(plan)
+    for group in groups:
+        if group.chosen is None:
+            later_runs(group, out)
+    for study in plan["studies"]:
+        merge_study(study["name"], [g for g in groups if g.study["name"] == study["name"]], out)
+
+
 def run_plan(plan: dict, out: Path, jobs: int, budget: float) -> None:
     """Keep ``jobs`` runs in flight; a group's later seeds jump the queue once its search is done."""
     deadline = time.monotonic() + budget
@@ -136,8 +146,7 @@ def run_plan(plan: dict, out: Path, jobs: int, budget: float) -> None:
                     searching[id(group)] -= 1
                     if searching[id(group)] == 0:
                         queue.extendleft((group, later) for later in reversed(later_runs(group, out)))
-    for study in plan["studies"]:
-        merge_study(study["name"], [g for g in groups if g.study["name"] == study["name"]], out)
+    merge_plan(plan, out, groups)
 
 
 def merge_study(name: str, groups: list[Group], out: Path) -> None:
@@ -175,9 +184,11 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=float("inf"), help="seconds; later runs are not started")
     parser.add_argument("--merge-only", action="store_true", help="only rewrite merged/ from finished runs")
     args = parser.parse_args()
+    plan = json.loads(args.plan.read_text())
     if args.merge_only:
-        args.budget = 0.0  # every run is skipped or refused, then merged
-    run_plan(json.loads(args.plan.read_text()), args.out, args.jobs, args.budget)
+        merge_plan(plan, args.out)
+    else:
+        run_plan(plan, args.out, args.jobs, args.budget)
 
 
 if __name__ == "__main__":
