@@ -1,0 +1,124 @@
+"""Host-side cost of CPU gradient sums: torch's mixed-dtype ``add_`` vs ``gora.accumulate.host_add_``.
+
+When the fp32 sums live in CPU memory (``GoraConfig(offload=True)`` on a GPU, or a bf16/fp16 model estimated
+on the CPU), every step adds each target gradient, in its own dtype, into its fp32 sum on the host. torch's CPU
+``add_`` with a bf16/fp16 operand and an fp32 result casts element by element; ``host_add_`` converts row blocks
+into a reused fp32 workspace (a vectorised ``copy_``) and adds from there. Both are timed side by side in one
+process, on the target-layer shapes of one transformer block of a Llama shape, over a grid of torch thread
+counts, and the per-step host time of the whole model is projected from the measured rate.
+
+    python benchmarks/estimation_cost/host_add.py --out benchmarks/results/cpu/host-add
+
+Writes ``results.json`` and ``table.md`` into ``--out``; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import models  # noqa: E402
+
+from gora.accumulate import HOST_ADD_CHUNK, host_add_  # noqa: E402
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def block_shapes(shape: models.Shape) -> list[tuple[int, int]]:
+    """(out, in) of q, k, v, o in one block (``models.LLAMA_TARGETS``)."""
+    kv = shape.kv_heads * (shape.hidden // shape.heads)
+    return [(shape.hidden, shape.hidden), (kv, shape.hidden), (kv, shape.hidden), (shape.hidden, shape.hidden)]
+
+
+def best_seconds(fn, reps: int) -> float:
+    fn()  # warm-up: pages touched, workspace allocated
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(size: str, dtype: torch.dtype, threads: int, reps: int) -> dict:
+    shape = models.SHAPES[size]
+    shapes = block_shapes(shape)
+    generator = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+    totals = [torch.zeros(s) for s in shapes]
+    workspace = torch.empty(HOST_ADD_CHUNK)
+    torch.set_num_threads(threads)
+
+    def plain() -> None:
+        for total, grad in zip(totals, grads):
+            total.add_(grad)
+
+    def blocked() -> None:
+        for total, grad in zip(totals, grads):
+            host_add_(total, grad, 1.0, workspace)
+
+    # alternate, so that both see the same machine load; best of `reps` each
+    times = {"plain": float("inf"), "host_add_": float("inf")}
+    for _ in range(reps):
+        times["plain"] = min(times["plain"], best_seconds(plain, 1))
+        times["host_add_"] = min(times["host_add_"], best_seconds(blocked, 1))
+    params = sum(o * i for o, i in shapes)
+    _, target_params = models.parameter_count(shape)
+    record = {"size": size, "dtype": str(dtype).removeprefix("torch."), "threads": threads, "reps": reps,
+              "block_params": params, "model_target_params": target_params}
+    for name, seconds in times.items():
+        record[f"{name}_seconds"] = seconds
+        record[f"{name}_gparams_per_s"] = params / seconds / 1e9
+        record[f"{name}_model_step_seconds"] = seconds * target_params / params
+    record["speedup"] = times["plain"] / times["host_add_"]
+    return record
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| size | dtype | threads | add_ Gparam/s | host_add_ Gparam/s | speedup | add_ s/step (model) | "
+             "host_add_ s/step (model) |", "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['size']} | {r['dtype']} | {r['threads']} | {r['plain_gparams_per_s']:.2f} | "
+                     f"{r['host_add__gparams_per_s']:.2f} | **{r['speedup']:.2f}×** | "
+                     f"{r['plain_model_step_seconds']:.2f} | {r['host_add__model_step_seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--size", default="llama-3.1-8b", choices=[k for k, v in models.SHAPES.items()
+                                                                   if v.family == "llama"])
+    parser.add_argument("--dtypes", default="bfloat16,float16")
+    parser.add_argument("--threads", default="", help="comma-separated torch thread counts (default: 1 and all)")
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args(argv)
+    cores = os.cpu_count() or 1
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
+    records = [measure(args.size, DTYPES[d], t, args.reps) for d in args.dtypes.split(",") for t in threads]
+    env = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "python": platform.python_version(), "torch": torch.__version__, "cpu": models.cpu_model(),
+           "cpu_count": cores, "command": " ".join([sys.executable] + sys.argv), "load_average": os.getloadavg()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"environment": env, "records": records}, indent=2) + "\n")
+    text = (f"## Host-side fp32 sums: `add_` vs `host_add_` ({args.size} q/k/v/o block shapes)\n\n"
+            f"{env['date']}; torch {env['torch']}; {env['cpu']} ({cores} CPUs); load average {env['load_average']}."
+            f"\n\nBest of {args.reps} alternated runs; s/step (model) = the time to add every target gradient of "
+            f"the whole model once, projected from the block's rate.\n\n{table(records)}\n")
+    (out / "table.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
