@@ -28,12 +28,16 @@ def test_grid_options_become_configs():
     args = build_parser().parse_args([
         "grid", "--methods", "lora", "gora", "--out-dir", "x", "--lrs", "1e-4", "2e-4", "--lr", "gora=3e-4",
         "--max-train", "100", "--max-length", "48", "--user-task", "mine", "a.csv", "b.csv", "--gamma", "0.08",
+        "--gora-estimator", "sketch", "--gora-importance", "frobenius",
     ])
     kwargs = _grid_kwargs(args, args.methods)
     assert kwargs["lr_grid"] == {"lora": (1e-4, 2e-4), "gora": (3e-4,)}
     assert kwargs["train_config"].max_length == 48 and kwargs["data_config"].max_train == 100
     assert kwargs["data_config"].user_tasks == {"mine": ("a.csv", "b.csv")}
     assert kwargs["method_config"].gora_gamma == 0.08
+    assert (kwargs["method_config"].gora_estimator, kwargs["method_config"].gora_importance) == ("sketch", "frobenius")
+    defaults = _grid_kwargs(build_parser().parse_args(["grid", "--out-dir", "x"]), ["gora"])["method_config"]
+    assert (defaults.gora_estimator, defaults.gora_importance) == ("full", "mean_abs")
 
 
 def test_bad_lr_option_says_the_expected_form(capsys):

@@ -145,3 +145,12 @@ def test_rank_range_options_reach_gora():
     cfg = MethodConfig(target_modules=TARGETS, init_steps=2, total_steps=10, gora_min_rank=8, gora_max_rank=8)
     info = build_method("gora", _model(), cfg, _batches(n=2)).info
     assert set(info["ranks"].values()) == {8} and (info["min_rank"], info["max_rank"]) == (8, 8)
+
+
+def test_sketch_estimator_reaches_gora_and_its_record():
+    base = dict(target_modules=TARGETS, init_steps=2, total_steps=10, gora_importance="frobenius")
+    full = build_method("gora", _model(), MethodConfig(**base), _batches(n=2)).info
+    sketch = build_method("gora", _model(), MethodConfig(**base, gora_estimator="sketch"), _batches(n=2)).info
+    assert (full["estimator"], sketch["estimator"]) == ("full", "sketch")
+    assert sketch["importance"] == "frobenius" and sketch["budget"] == full["budget"]
+    assert set(sketch["ranks"]) == set(full["ranks"])

@@ -56,6 +56,8 @@ class MethodConfig:
     gora_min_rank: int | None = None
     gora_max_rank: int | None = None
     gora_importance: str = "mean_abs"
+    gora_estimator: str = "full"
+    """``"full"`` (exact mean gradient) or ``"sketch"`` (memory-light; needs ``gora_importance="frobenius"``)."""
     gora_adaptive_gamma: bool = False
     """Choose gamma per run on ``GoraConfig.gamma_batches`` held-out training batches (spec 4.2; never test data)."""
     seed: int = 0

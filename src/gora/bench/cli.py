@@ -70,6 +70,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--gora-min-rank", type=int, help="GoRA's smallest rank (default r/2; r with --gora-max-rank r "
                                                      "keeps LoRA's ranks and isolates the initialisation)")
     m.add_argument("--gora-max-rank", type=int, help="GoRA's largest rank (default 4r)")
+    m.add_argument("--gora-importance", choices=["mean_abs", "frobenius", "grad_nuclear"], default="mean_abs",
+                   help="GoRA's layer importance (default mean|W ⊙ Ḡ|, the paper's)")
+    m.add_argument("--gora-estimator", choices=["full", "sketch"], default="full",
+                   help="GoRA's gradient estimator; sketch needs --gora-importance frobenius")
     m.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
     m.add_argument("--out-dir", required=True, help="grid folder: results.json, lr_search.json, table, plots")
     m.add_argument("--no-report", action="store_true", help="skip the table and plots at the end")
@@ -91,7 +95,8 @@ def _grid_kwargs(args: argparse.Namespace, methods: Sequence[str]) -> dict:
                                     progress=not args.no_progress),
         "method_config": MethodConfig(init_steps=args.gora_steps, eva_steps=args.eva_steps, gora_gamma=args.gamma,
                                       gora_adaptive_gamma=args.adaptive_gamma, gora_min_rank=args.gora_min_rank,
-                                      gora_max_rank=args.gora_max_rank),
+                                      gora_max_rank=args.gora_max_rank, gora_importance=args.gora_importance,
+                                      gora_estimator=args.gora_estimator),
         "data_config": DataConfig(split_seed=args.split_seed, max_train=args.max_train, max_val=args.max_val,
                                   max_test=args.max_test, data_dir=args.data_dir,
                                   user_tasks={name: (train, test) for name, train, test in args.user_task}),

@@ -20,7 +20,7 @@ def gora_peft_model(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch
     """(peft_model, record fields): ranks, gamma, N, rank range, estimation and total init time."""
     gora_config = GoraConfig(
         num_steps=cfg.init_steps, min_rank=cfg.gora_min_rank, max_rank=cfg.gora_max_rank,
-        gamma=cfg.gora_gamma, importance=cfg.gora_importance, seed=cfg.seed,
+        gamma=cfg.gora_gamma, importance=cfg.gora_importance, estimator=cfg.gora_estimator, seed=cfg.seed,
         adaptive_gamma=cfg.gora_adaptive_gamma, gamma_batches=GAMMA_BATCHES,
     )
     used, held_out = list(batches[: cfg.init_steps]), list(batches[cfg.init_steps :])
@@ -41,6 +41,7 @@ def gora_peft_model(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch
         "min_rank": min_rank,
         "max_rank": max_rank,
         "importance": cfg.gora_importance,
+        "estimator": cfg.gora_estimator,
         "budget": state.budget,
         "actual_params": state.actual_params,
     }
