@@ -40,11 +40,30 @@ def tokenizer():
     return load_smollm2_tokenizer()
 
 
+LOAD_STDERR: list[str] = []  # what loading the shared model wrote to stderr
+
+
 @pytest.fixture(scope="module")
 def model():
+    import contextlib
+    import io
+
     from gora.bench.decoder import load_smollm2
 
-    return load_smollm2()
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        loaded = load_smollm2(progress=False)
+    LOAD_STDERR.append(stderr.getvalue())
+    return loaded
+
+
+@needs_model
+def test_loading_without_progress_shows_no_dequantisation_bar_and_restores_it(model):
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    assert "de-quantizing" not in LOAD_STDERR[0].lower() and "%|" not in LOAD_STDERR[0]
+    assert gguf_utils.tqdm is tqdm  # transformers' own bar is put back for everyone else
 
 
 def test_split_is_disjoint_by_template_seeded_and_test_independent_of_train_size():

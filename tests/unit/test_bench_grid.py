@@ -130,3 +130,20 @@ def test_every_registered_method_has_a_default_lr_grid():
 
     assert set(DEFAULT_LR_GRID) == set(METHODS)
     assert all(len(rates) >= 2 for rates in DEFAULT_LR_GRID.values())
+
+
+def test_no_progress_reaches_gora_estimation_and_does_not_lock_the_folder(tmp_path, monkeypatch):
+    from gora.bench import grid as grid_module
+
+    seen = []
+
+    class CapturingRunner(StubRunner):
+        def __init__(self, train_config, method_config, *args, **kwargs):
+            super().__init__()
+            seen.append(method_config.show_progress)
+
+    monkeypatch.setattr(grid_module, "CellRunner", CapturingRunner)
+    run_grid(["gora"], ["rotten_tomatoes"], [0], out_dir=tmp_path, lr_grid={"gora": (1e-3,)}, train_config=NO_BAR)
+    run_grid(["gora"], ["rotten_tomatoes"], [0, 1], out_dir=tmp_path, lr_grid={"gora": (1e-3,)},
+             train_config=TrainConfig(progress=True))  # the bar is not a setting: resuming with it is allowed
+    assert seen == [False, True]

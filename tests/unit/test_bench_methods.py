@@ -154,3 +154,10 @@ def test_sketch_estimator_reaches_gora_and_its_record():
     assert (full["estimator"], sketch["estimator"]) == ("full", "sketch")
     assert sketch["importance"] == "frobenius" and sketch["budget"] == full["budget"]
     assert set(sketch["ranks"]) == set(full["ranks"])
+
+
+@pytest.mark.parametrize("show", [True, False])
+def test_gora_estimation_bar_follows_show_progress(show, capsys):
+    cfg = MethodConfig(target_modules=TARGETS, init_steps=2, total_steps=10, show_progress=show)
+    build_method("gora", _model(), cfg, _batches(n=2))
+    assert ("GoRA gradient estimation" in capsys.readouterr().err) == show

@@ -58,6 +58,8 @@ class MethodConfig:
     gora_importance: str = "mean_abs"
     gora_estimator: str = "full"
     """``"full"`` (exact mean gradient) or ``"sketch"`` (memory-light; needs ``gora_importance="frobenius"``)."""
+    show_progress: bool = True
+    """GoRA's estimation bar (the grid sets it from ``TrainConfig.progress``; not a setting that changes results)."""
     gora_adaptive_gamma: bool = False
     """Choose gamma per run on ``GoraConfig.gamma_batches`` held-out training batches (spec 4.2; never test data)."""
     seed: int = 0

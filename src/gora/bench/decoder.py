@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import datetime as dt
 import importlib.util
 import json
@@ -108,15 +109,27 @@ def load_smollm2_tokenizer(model_dir: str | None = None):
     return tokenizer
 
 
-def load_smollm2(model_dir: str | None = None):
-    """SmolLM2-135M-Instruct dequantised from the Q4_1 GGUF into an fp32 ``LlamaForCausalLM`` (about 15 s)."""
+def load_smollm2(model_dir: str | None = None, progress: bool = True):
+    """SmolLM2-135M-Instruct dequantised from the Q4_1 GGUF into an fp32 ``LlamaForCausalLM`` (about 15 s).
+
+    ``progress=False`` hides transformers' dequantisation bar, which imports tqdm directly and so ignores
+    transformers' own progress-bar switch: the module's ``tqdm`` is swapped for a disabled one while loading.
+    """
     from transformers import AutoModelForCausalLM
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     from gora.bench.assets import quiet_transformers
 
-    with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(model_dir or smollm2_dir(), gguf_file=GGUF_FILE,
-                                                     dtype=torch.float32)
+    bar = getattr(gguf_utils, "tqdm", None)
+    if not progress and bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(model_dir or smollm2_dir(), gguf_file=GGUF_FILE,
+                                                         dtype=torch.float32)
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
     return model.eval()
 
 
@@ -434,7 +447,7 @@ class DecoderRunner:
         self.device = resolve_device(cfg.device)
         start = time.perf_counter()
         self.tokenizer = tokenizer if tokenizer is not None else load_smollm2_tokenizer(model_dir)
-        self.pristine = model if model is not None else load_smollm2(model_dir)
+        self.pristine = model if model is not None else load_smollm2(model_dir, progress=cfg.progress)
         self.load_seconds = time.perf_counter() - start
         self.pad_id = self.tokenizer.pad_token_id
 

@@ -21,7 +21,7 @@ def gora_peft_model(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch
     gora_config = GoraConfig(
         num_steps=cfg.init_steps, min_rank=cfg.gora_min_rank, max_rank=cfg.gora_max_rank,
         gamma=cfg.gora_gamma, importance=cfg.gora_importance, estimator=cfg.gora_estimator, seed=cfg.seed,
-        adaptive_gamma=cfg.gora_adaptive_gamma, gamma_batches=GAMMA_BATCHES,
+        adaptive_gamma=cfg.gora_adaptive_gamma, gamma_batches=GAMMA_BATCHES, show_progress=cfg.show_progress,
     )
     used, held_out = list(batches[: cfg.init_steps]), list(batches[cfg.init_steps :])
     config = lora_config(cfg)

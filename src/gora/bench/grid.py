@@ -84,7 +84,8 @@ def grid_settings(train_config: TrainConfig, method_config: MethodConfig, data_c
                   alpha_per_rank: float) -> dict:
     """The settings that make results comparable (not the lists of methods, tasks and seeds, which may grow)."""
     train = {k: v for k, v in dataclasses.asdict(train_config).items() if k not in ("progress", "device")}
-    method = {k: v for k, v in dataclasses.asdict(method_config).items() if k not in ("lr", "r", "seed", "total_steps")}
+    method = {k: v for k, v in dataclasses.asdict(method_config).items()
+              if k not in ("lr", "r", "seed", "total_steps", "show_progress")}
     data = {k: v for k, v in dataclasses.asdict(data_config).items() if k != "data_dir"}
     flat = {**{f"train.{k}": v for k, v in train.items()}, **{f"method.{k}": v for k, v in method.items()},
             **{f"data.{k}": v for k, v in data.items()}, "alpha_per_rank": alpha_per_rank}
@@ -153,7 +154,8 @@ def run_grid(
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods or not tasks or not seeds:
         raise ValueError(f"Need methods from {sorted(METHODS)} (unknown: {unknown}), tasks and seeds.")
-    train_config, method_config = train_config or TrainConfig(), method_config or MethodConfig()
+    train_config = train_config or TrainConfig()
+    method_config = dataclasses.replace(method_config or MethodConfig(), show_progress=train_config.progress)
     data_config = data_config or DataConfig()
     out = Path(out_dir)
     check_settings(out, grid_settings(train_config, method_config, data_config, alpha_per_rank))
