@@ -120,12 +120,13 @@ class GradientAccumulator:
         self.check_each_hook = False  # fp16: decide per hook whether a gradient is usable
         self._skip: set[str] = set()  # layers already added in the step being redone
         self._added: set[str] = set()
-        self._finite_flags: list[tuple[str, Tensor]] = []
+        self._probes: list[tuple[str, Tensor]] = []  # (layer, a device tensor that has a NaN/Inf iff its gradient had)
         self._nonfinite: list[str] = []
         self._deferred: list[tuple[int, list[str], Tensor, Any]] = []  # (step, layers, flags, payload)
         self._handles: list = []
         self._saved_flags: list[tuple[nn.Parameter, bool]] = []
         self._saved_grads: list[tuple[nn.Parameter, Tensor | None]] = []
+        self._weights: list[nn.Parameter] = []  # the target weights, resolved once
         self._saved_modes: list[tuple[nn.Module, bool]] = []
         self._offload: PinnedOffload | None = None
         self._workspaces: dict[tuple[torch.device, int], Tensor] = {}  # sketch temporaries, reused
@@ -137,6 +138,7 @@ class GradientAccumulator:
             self._saved_modes = [(m, m.training) for m in self.model.modules()]
             self._saved_flags = [(p, p.requires_grad) for p in self.model.parameters()]
             self._saved_grads = [(t.weight, t.weight.grad) for t in self.targets]
+            self._weights = [t.weight for t in self.targets]
             for param in self.model.parameters():
                 param.requires_grad_(False)
             for target in self.targets:
@@ -187,17 +189,30 @@ class GradientAccumulator:
         self._skip = set(self._added) if redo else set()
         if not redo:
             self._added = set()
-        self._finite_flags = []
+        self._probes = []
         self._nonfinite = []
+
+    def _step_flags(self, extra_flags: list[Tensor]) -> Tensor:
+        """One bool vector on the device: every probed layer's "finite?", then ``extra_flags``.
+
+        One multi-tensor L1 norm over all probes (a few kernels in all, not one per layer): NaN and Inf reach it
+        from any entry. The running sums are probed in place of the gradients: a sum holds a NaN/Inf from the first
+        step whose gradient had one, so the first failing step and its layers are named as exactly.
+        """
+        parts = []
+        if self._probes:
+            norms = torch._foreach_norm([probe for _, probe in self._probes], 1)
+            parts.append(torch.isfinite(torch.stack(norms)))
+        if extra_flags:
+            parts.append(torch.stack([flag.reshape(()) for flag in extra_flags]))
+        return torch.cat(parts) if parts else torch.ones(0, dtype=torch.bool)
 
     def end_step(self, extra_flags: list[Tensor] | None = None) -> tuple[list[str], list[bool]]:
         """(layers whose gradient was NaN/Inf in this step, the values of ``extra_flags``): one device sync at most."""
-        flags = [flag for _, flag in self._finite_flags] + list(extra_flags or [])
-        values = torch.stack(flags).tolist() if flags else []
-        layer_values, extra_values = values[:len(self._finite_flags)], values[len(self._finite_flags):]
-        self._nonfinite += [name for (name, _), ok in zip(self._finite_flags, layer_values) if not ok]
-        for target in self.targets:  # a hook that did not fire (unused layer) leaves no .grad behind
-            target.weight.grad = None
+        values = self._step_flags(list(extra_flags or [])).tolist()
+        layer_values, extra_values = values[:len(self._probes)], values[len(self._probes):]
+        self._nonfinite += [name for (name, _), ok in zip(self._probes, layer_values) if not ok]
+        self._clear_grads()
         return sorted(set(self._nonfinite)), [bool(v) for v in extra_values]
 
     def defer_step(self, step: int, extra_flags: list[Tensor], payload: Any = None) -> None:
@@ -207,11 +222,14 @@ class GradientAccumulator:
         queue (about a fifth of a MiniLM step on an H100). A non-finite gradient poisons only sums that are
         never used, because :meth:`first_failure` runs before any sum is read.
         """
-        names = [name for name, _ in self._finite_flags]
-        flags = [flag for _, flag in self._finite_flags] + list(extra_flags)
-        self._deferred.append((step, names, torch.stack(flags), payload))
-        for target in self.targets:
-            target.weight.grad = None
+        names = [name for name, _ in self._probes]
+        self._deferred.append((step, names, self._step_flags(list(extra_flags)), payload))
+        self._clear_grads()
+
+    def _clear_grads(self) -> None:
+        """No ``.grad`` left behind by a step (hooks drop theirs; this catches any that did not run)."""
+        for weight in self._weights:
+            weight.grad = None
 
     def first_failure(self) -> tuple[int, list[str], list[bool], Any] | None:
         """(step, non-finite layers, extra flag values, payload) of the first deferred step with a NaN/Inf, or
@@ -231,7 +249,7 @@ class GradientAccumulator:
 
     # -- the hook ---------------------------------------------------------------------------
     def _make_hook(self, target: TargetLayer):
-        name = target.name
+        name, sums = target.name, self.sums[target.name]  # looked up once, not on every call
 
         def hook(param: Tensor) -> None:
             grad = param.grad
@@ -244,36 +262,38 @@ class GradientAccumulator:
                 if not bool(torch.isfinite(grad).all()):
                     self._nonfinite.append(name)
                     return
-            finite = self._accumulate(name, target, grad)
-            if not self.check_each_hook:  # a device flag, read once per step in end_step (no sync here)
-                self._finite_flags.append((name, finite))
+            probe = self._accumulate(sums, target, grad)
+            if not self.check_each_hook:  # read in end_step / first_failure, with the step's other probes
+                self._probes.append((name, probe))
             self._added.add(name)
 
         return hook
 
-    def _accumulate(self, name: str, target: TargetLayer, grad: Tensor) -> Tensor:
-        """Add one gradient into the layer's sums; returns a 0-dim bool tensor: was it finite?"""
-        sums = self.sums[name]
+    def _accumulate(self, sums: LayerSums, target: TargetLayer, grad: Tensor) -> Tensor:
+        """Add one gradient into the layer's sums; returns what to probe for NaN/Inf: the running sum where it is on the
+        device (no kernel here; :meth:`_step_flags` checks all probes at once), the gradient's sum when offloaded."""
         sums.count += 1
         if self.sketch is not None:
-            return self._accumulate_sketch(sums, self.sketch[name], target, grad)
-        finite = torch.isfinite(grad.sum())  # one reduction; NaN/Inf anywhere makes the sum non-finite
+            return self._accumulate_sketch(sums, self.sketch[target.name], target, grad)
         inv_scale = 1.0 / self.scale
+        if grad.device != self.device and self._offload is None:
+            grad = grad.to(self.device)
         if self._offload is not None:
             if sums.grad is None:
                 sums.grad = torch.zeros(grad.shape, dtype=torch.float32)
             self._offload.add(sums.grad, grad, inv_scale)
+            return grad.sum()  # the host sum is written by the worker: probe the gradient, on its device
         elif sums.grad is None:  # first step: the sum is a fp32 copy (0 + x = x exactly)
-            sums.grad = grad.to(self.device, torch.float32, copy=True)
+            sums.grad = grad.to(torch.float32, copy=True)
             if inv_scale != 1.0:
                 sums.grad.mul_(inv_scale)
-        elif self.device.type == "cpu" and grad.device.type == "cpu" and grad.dtype != torch.float32:
+        elif grad.dtype != torch.float32 and self.device.type == "cpu":
             if self._host_add_workspace is None:
                 self._host_add_workspace = torch.empty(HOST_ADD_CHUNK, dtype=torch.float32)
             host_add_(sums.grad, grad, inv_scale, self._host_add_workspace)
         else:
-            sums.grad.add_(grad.to(self.device), alpha=inv_scale)  # computed in fp32, the accumulator's dtype
-        return finite
+            sums.grad.add_(grad, alpha=inv_scale)  # computed in fp32, the accumulator's dtype
+        return sums.grad
 
     def _workspace(self, device: torch.device, slot: int, shape: tuple[int, int]) -> Tensor:
         """A reused fp32 buffer of ``SKETCH_BLOCK_ELEMENTS`` entries, viewed as ``shape``.
@@ -310,9 +330,9 @@ class GradientAccumulator:
             sums.proj[block].addmm_(g, ops.a_max_t)
             weighted = torch.mul(g, weight[block].to(device), out=self._workspace(device, 1, shape))  # W ⊙ G, fp32
             sums.frob[block].addmm_(weighted, ops.omega)
-        # NaN/Inf in G reaches this step's S (every entry of A_max is non-zero, and NaN·0 is NaN too): check the small
-        # projection instead of reading the whole gradient a second time.
-        return torch.isfinite(sums.proj.sum())
+        # NaN/Inf in G reaches this step's S (every entry of A_max is non-zero, and NaN·0 is NaN too): probe the small
+        # running projection instead of reading the whole gradient a second time.
+        return sums.proj
 
 
 class PinnedOffload:
