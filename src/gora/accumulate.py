@@ -276,14 +276,14 @@ class GradientAccumulator:
         if self.sketch is not None:
             return self._accumulate_sketch(sums, self.sketch[target.name], target, grad)
         inv_scale = 1.0 / self.scale
-        if grad.device != self.device and self._offload is None:
-            grad = grad.to(self.device)
         if self._offload is not None:
             if sums.grad is None:
                 sums.grad = torch.zeros(grad.shape, dtype=torch.float32)
             self._offload.add(sums.grad, grad, inv_scale)
             return grad.sum()  # the host sum is written by the worker: probe the gradient, on its device
-        elif sums.grad is None:  # first step: the sum is a fp32 copy (0 + x = x exactly)
+        if grad.device != self.device:
+            grad = grad.to(self.device)
+        if sums.grad is None:  # first step: the sum is a fp32 copy (0 + x = x exactly)
             sums.grad = grad.to(torch.float32, copy=True)
             if inv_scale != 1.0:
                 sums.grad.mul_(inv_scale)
