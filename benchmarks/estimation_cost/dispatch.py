@@ -16,10 +16,6 @@ flags); what is left is the fixed cost (scoring, allocation, initialisation). Wr
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -31,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import models  # noqa: E402
+from env import environment, markdown_table, write_results  # noqa: E402
 
 from gora import GoraConfig, estimate_gora  # noqa: E402
 from gora.targets import resolve_targets  # noqa: E402
@@ -105,13 +102,13 @@ def measure(size: str, dtype: torch.dtype, estimator: str, steps: int) -> dict:
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| model | dtype | estimator | layers | floor ops/step | added ops/step | added non-view ops/step | "
-             "per layer and step | fixed non-view ops (scoring, allocation, init) |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        lines.append(f"| {r['size']} | {r['dtype']} | {r['estimator']} | {r['layers']} | {r['floor_ops_per_step']:.0f} "
-                     f"| {r['added_ops_per_step']:.1f} | {r['added_launches_per_step']:.1f} | "
-                     f"**{r['added_launches_per_layer_step']:.2f}** | {r['fixed_launches']:.0f} |")
-    return "\n".join(lines)
+    return markdown_table([
+        ("model", lambda r: r["size"]), ("dtype", lambda r: r["dtype"]), ("estimator", lambda r: r["estimator"]),
+        ("layers", lambda r: r["layers"]), ("floor ops/step", lambda r: f"{r['floor_ops_per_step']:.0f}"),
+        ("added ops/step", lambda r: f"{r['added_ops_per_step']:.1f}"),
+        ("added non-view ops/step", lambda r: f"{r['added_launches_per_step']:.1f}"),
+        ("per layer and step", lambda r: f"**{r['added_launches_per_layer_step']:.2f}**"),
+        ("fixed non-view ops (scoring, allocation, init)", lambda r: f"{r['fixed_launches']:.0f}")], records)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,19 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     records = [measure(size, dtype, estimator, args.steps) for size in args.sizes.split(",")
                for dtype in (torch.float32, torch.bfloat16) for estimator in ("full", "sketch")]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    env = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-           "python": platform.python_version(), "torch": torch.__version__, "commit": commit,
-           "command": " ".join([sys.executable] + sys.argv)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"environment": env, "records": records}, indent=2) + "\n")
+    env = environment()
     text = (f"## aten calls GoRA's estimation adds per step (N = {args.steps}, batch 2×16, random weights, CPU)\n\n"
-            f"{env['date']}; torch {env['torch']}; commit {commit}.\n\n{table(records)}\n")
-    (out / "table.md").write_text(text)
-    print(text)
-
+            f"{env['date']}; torch {env['torch']}; commit {env['commit']}.\n\n{table(records)}\n")
+    write_results(args.out, env, records, text)
 
 if __name__ == "__main__":
     main()

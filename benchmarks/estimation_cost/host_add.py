@@ -15,10 +15,7 @@ Writes ``results.json`` and ``table.md`` into ``--out``; prints the table.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import models  # noqa: E402
+from env import environment, markdown_table, write_results  # noqa: E402
 
 from gora.accumulate import HOST_ADD_CHUNK, host_add_  # noqa: E402
 
@@ -85,13 +83,13 @@ def measure(size: str, dtype: torch.dtype, threads: int, reps: int) -> dict:
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| size | dtype | threads | add_ Gparam/s | host_add_ Gparam/s | speedup | add_ s/step (model) | "
-             "host_add_ s/step (model) |", "|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        lines.append(f"| {r['size']} | {r['dtype']} | {r['threads']} | {r['plain_gparams_per_s']:.2f} | "
-                     f"{r['host_add__gparams_per_s']:.2f} | **{r['speedup']:.2f}×** | "
-                     f"{r['plain_model_step_seconds']:.2f} | {r['host_add__model_step_seconds']:.2f} |")
-    return "\n".join(lines)
+    return markdown_table([
+        ("size", lambda r: r["size"]), ("dtype", lambda r: r["dtype"]), ("threads", lambda r: r["threads"]),
+        ("add_ Gparam/s", lambda r: f"{r['plain_gparams_per_s']:.2f}"),
+        ("host_add_ Gparam/s", lambda r: f"{r['host_add__gparams_per_s']:.2f}"),
+        ("speedup", lambda r: f"**{r['speedup']:.2f}×**"),
+        ("add_ s/step (model)", lambda r: f"{r['plain_model_step_seconds']:.2f}"),
+        ("host_add_ s/step (model)", lambda r: f"{r['host_add__model_step_seconds']:.2f}")], records)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,18 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     cores = os.cpu_count() or 1
     threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
     records = [measure(args.size, DTYPES[d], t, args.reps) for d in args.dtypes.split(",") for t in threads]
-    env = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-           "python": platform.python_version(), "torch": torch.__version__, "cpu": models.cpu_model(),
-           "cpu_count": cores, "command": " ".join([sys.executable] + sys.argv), "load_average": os.getloadavg()}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"environment": env, "records": records}, indent=2) + "\n")
+    env = environment()
     text = (f"## Host-side fp32 sums: `add_` vs `host_add_` ({args.size} q/k/v/o block shapes)\n\n"
             f"{env['date']}; torch {env['torch']}; {env['cpu']} ({cores} CPUs); load average {env['load_average']}."
             f"\n\nBest of {args.reps} alternated runs; s/step (model) = the time to add every target gradient of "
             f"the whole model once, projected from the block's rate.\n\n{table(records)}\n")
-    (out / "table.md").write_text(text)
-    print(text)
+    write_results(args.out, env, records, text)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,8 @@ the real MiniLM and Rotten Tomatoes batches when their packages are installed (C
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,6 +27,7 @@ sys.path.insert(0, str(HERE.parents[1] / "src"))  # measure this checkout's gora
 
 import models  # noqa: E402
 import report  # noqa: E402
+from env import environment  # noqa: E402
 
 ESTIMATORS = ["gora", "gora_sketch", "loraga", "official"]
 DEFAULTS = {
@@ -150,25 +149,6 @@ def run_one(spec: dict, timeout: int) -> dict:
                 "error": f"worker exited {proc.returncode} without a record: {proc.stderr[-1500:]}"}
 
 
-def environment(args: argparse.Namespace) -> dict:
-    import torch
-    import transformers
-    import peft
-
-    env = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-           "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "peft": peft.__version__, "cpu": models.cpu_model(), "cpu_count": os.cpu_count(),
-           "command": " ".join([sys.executable] + sys.argv)}
-    try:
-        env["load_average"] = os.getloadavg()
-    except OSError:
-        pass
-    if args.device == "cuda" and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
-    return env
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
@@ -179,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     timeout = args.timeout or DEFAULTS[args.device]["timeout"]
     previous = json.loads(path.read_text()) if args.append and path.is_file() else {"records": []}
-    data = {"environment": environment(args), "records": list(previous.get("records", []))}
+    data = {"environment": environment(args.device), "records": list(previous.get("records", []))}
     earlier = previous.get("earlier_runs", []) + ([previous["environment"]] if "environment" in previous else [])
     if earlier:
         data["earlier_runs"] = earlier  # the environments of the runs whose records were kept (--append)

@@ -1,0 +1,51 @@
+"""What every estimation-cost script records and writes: the environment of a run, markdown tables, result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Iterable
+
+import models
+
+
+def environment(device: str = "cpu") -> dict:
+    """Date, versions, machine, commit and command line of this run (the GPU's name and memory on ``cuda``)."""
+    import peft
+    import torch
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    env = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "peft": peft.__version__, "cpu": models.cpu_model(), "cpu_count": os.cpu_count(), "commit": commit or None,
+           "command": " ".join([sys.executable] + sys.argv)}
+    if hasattr(os, "getloadavg"):
+        env["load_average"] = os.getloadavg()
+    if device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+    return env
+
+
+def markdown_table(columns: Iterable[tuple[str, Callable[[dict], object]]], records: Iterable[dict]) -> str:
+    """A markdown table with one row per record: ``columns`` pairs a header with the function that renders a cell."""
+    columns = list(columns)
+    lines = ["| " + " | ".join(header for header, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(cell(record)) for _, cell in columns) + " |" for record in records]
+    return "\n".join(lines)
+
+
+def write_results(out: str | Path, env: dict, records: list[dict], text: str) -> None:
+    """Write ``results.json`` (environment and records) and ``table.md`` (``text``) into ``out``, and print ``text``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"environment": env, "records": records}, indent=2) + "\n")
+    (out / "table.md").write_text(text)
+    print(text)

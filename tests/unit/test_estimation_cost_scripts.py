@@ -1,0 +1,71 @@
+"""The estimation-cost benchmark scripts (benchmarks/estimation_cost/): their plan, memory guard and tables."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks" / "estimation_cost"
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    names = ("env", "run", "models", "report", "dispatch", "host_add")
+    sys.path.insert(0, str(SCRIPTS))  # the scripts import each other by name, as they do when run
+    try:
+        yield {name: importlib.import_module(name) for name in names}
+    finally:
+        sys.path.remove(str(SCRIPTS))
+        for name in names:  # generic names: leave none behind for other tests
+            sys.modules.pop(name, None)
+
+
+def test_markdown_table_renders_one_row_per_record(scripts):
+    text = scripts["env"].markdown_table([("a", lambda r: r["a"]), ("b×2", lambda r: f"{2 * r['b']:.1f}")],
+                                         [{"a": "x", "b": 1}, {"a": "y", "b": 2.5}])
+    assert text == "| a | b×2 |\n|---|---|\n| x | 2.0 |\n| y | 5.0 |"
+
+
+def test_write_results_writes_json_and_table(scripts, tmp_path, capsys):
+    import json
+
+    scripts["env"].write_results(tmp_path / "out", {"date": "d"}, [{"k": 1}], "table\n")
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == {"environment": {"date": "d"},
+                                                                           "records": [{"k": 1}]}
+    assert (tmp_path / "out" / "table.md").read_text() == "table\n"
+    assert capsys.readouterr().out == "table\n\n"
+
+
+def test_environment_names_versions_and_the_gpu_only_on_cuda(scripts):
+    import torch
+
+    env = scripts["env"].environment("cpu")
+    assert env["torch"] == torch.__version__ and "gpu" not in env
+    assert {"date", "python", "transformers", "peft", "cpu", "cpu_count", "commit", "command"} <= set(env)
+
+
+def test_dispatch_table_row(scripts):
+    record = {"size": "minilm", "dtype": "float32", "estimator": "full", "layers": 37, "floor_ops_per_step": 690.2,
+              "added_ops_per_step": 60.0, "added_launches_per_step": 50.0, "added_launches_per_layer_step": 50 / 37,
+              "fixed_launches": 556}
+    assert scripts["dispatch"].table([record]).splitlines()[-1] == \
+        "| minilm | float32 | full | 37 | 690 | 60.0 | 50.0 | **1.35** | 556 |"
+
+
+def test_plan_orders_sections_and_sizes_as_asked(scripts):
+    args = scripts["run"].parse_args(["--device", "cpu", "--out", "x", "--sections", "scale,time",
+                                      "--sizes", "llama-tiny", "--methods", "lora,gora", "--steps", "3"])
+    specs = scripts["run"].plan(args)
+    assert [s["section"] for s in specs] == ["time"] * 5 + ["scale"] * 2  # the CPU order: time before scale
+    assert [(s["method"], s["size"], s["steps"]) for s in specs[5:]] == [("lora", "llama-tiny", 3),
+                                                                          ("gora", "llama-tiny", 3)]
+    assert all(s["threads"] == 1 and s["dtype"] == "float32" for s in specs)
+
+
+def test_memory_guard_charges_what_each_method_keeps(scripts):
+    params, targets = scripts["models"].parameter_count(scripts["models"].SHAPES["llama-3.2-3b"])
+    need = {m: scripts["run"].predicted_host_bytes({"size": "llama-3.2-3b", "dtype": "float32", "method": m,
+                                                    "steps": 2}) for m in ("lora", "gora", "official")}
+    assert need["gora"] - need["lora"] == 4 * targets  # fp32 sums
+    assert need["official"] - need["lora"] == 3 * 4 * targets  # N copies and their mean, in the parameter dtype
