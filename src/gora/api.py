@@ -17,7 +17,7 @@ from .config import GoraConfig, check_gora_config, check_lora_config
 from .errors import GoraDataError
 from .estimation import EstimationRun, LossFn, accumulation_device, model_device, run_estimation
 from .gamma_search import search_gamma
-from .importance import SCORE_FNS, layer_importances, sketch_norm
+from .importance import layer_importances, score_consuming_, sketch_norm
 from .initialization import draw_a, draw_omega, solve_c
 from .peft_bridge import apply_gora
 from .state import GoraState
@@ -175,8 +175,9 @@ def _score_and_project(targets: list[TargetLayer], sums: dict[str, LayerSums], a
         if layer.grad is not None:
             g_bar = layer.grad.div_(layer.count)
             weight = target.weight_out_in().detach().to(g_bar.device)
-            scores.append((target.name, SCORE_FNS[config.importance](weight, g_bar), None))
             projected[target.name] = g_bar @ a_dev.pop(target.name).t()
+            # Ḡ is not needed after this: the score may overwrite it with W ⊙ Ḡ (no out × in temporary)
+            scores.append((target.name, score_consuming_(config.importance, weight, g_bar), None))
             layer.grad = None  # free Ḡ now: peak stays at the accumulators
         else:
             scores.append((target.name, sketch_norm(layer.frob / layer.count), layer.frob.shape[1]))

@@ -18,7 +18,7 @@ from . import distributed
 from .accumulate import GradientAccumulator, GradientCheckpointing, LayerSums, SketchOperators
 from .config import GoraConfig
 from .errors import GoraDataError, GoraNumericalError
-from .importance import SCORE_FNS, layer_importances, sketch_norm
+from .importance import layer_importances, score_consuming_, sketch_norm
 from .targets import TargetLayer, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,8 @@ def _running_importance(targets: list[TargetLayer], sums: dict[str, LayerSums], 
             continue
         if layer.grad is not None:
             weight = target.weight_out_in().detach().to(layer.grad.device)
-            scores.append((target.name, SCORE_FNS[config.importance](weight, layer.grad / layer.count), None))
+            # a fresh Ḡ: the score may overwrite it (no second out × in temporary)
+            scores.append((target.name, score_consuming_(config.importance, weight, layer.grad / layer.count), None))
         elif layer.frob is not None:
             scores.append((target.name, sketch_norm(layer.frob / layer.count), layer.frob.shape[1]))
     return layer_importances(scores)

@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from gora.importance import (
+    SCORE_FNS,
     frobenius_from_sketch,
     importance_frobenius,
     importance_grad_nuclear,
     importance_mean_abs,
     normalise,
+    score_consuming_,
 )
 
 
@@ -44,3 +46,25 @@ def test_sketched_frobenius_is_unbiased():
     estimates = [frobenius_from_sketch(matrix @ torch.randn(200, 32, generator=generator)) ** 2 for _ in range(200)]
     exact = torch.linalg.vector_norm(matrix).item() ** 2
     assert sum(estimates) / len(estimates) == pytest.approx(exact, rel=0.03)
+
+
+@pytest.mark.parametrize("importance", sorted(SCORE_FNS))
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_score_in_the_gradient_memory_equals_the_score(importance, weight_dtype):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 40, generator=generator).to(weight_dtype)
+    grad = torch.randn(48, 40, generator=generator) * 1e-3
+    expected = SCORE_FNS[importance](weight, grad)
+    scratch = grad.clone()
+    assert torch.equal(score_consuming_(importance, weight, scratch), expected)  # bit-identical
+    if importance == "grad_nuclear":  # needs Ḡ itself: computed aside, Ḡ untouched
+        assert torch.equal(scratch, grad)
+    else:  # the product (or its absolute value) was formed in Ḡ's memory
+        assert torch.equal(scratch.abs(), (grad * weight.float()).abs())
+
+
+def test_score_of_a_low_precision_gradient_leaves_it_alone():
+    weight, grad = torch.randn(8, 8), torch.randn(8, 8).bfloat16()
+    kept = grad.clone()
+    assert score_consuming_("mean_abs", weight, grad) == SCORE_FNS["mean_abs"](weight, grad)
+    assert torch.equal(grad, kept)
