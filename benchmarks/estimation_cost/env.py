@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -32,6 +33,19 @@ def environment(device: str = "cpu") -> dict:
         env["gpu"] = torch.cuda.get_device_name(0)
         env["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
     return env
+
+
+def best_seconds(fn: Callable[[], object], reps: int, setup: Callable[[], object] | None = None) -> float:
+    """The least wall time of ``reps`` calls of ``fn`` after one warm-up call; ``setup`` runs, untimed, before each."""
+    best = float("inf")
+    for rep in range(reps + 1):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        fn()
+        if rep:  # the first call warms up: pages touched, workspaces allocated
+            best = min(best, time.perf_counter() - start)
+    return best
 
 
 def markdown_table(columns: Iterable[tuple[str, Callable[[dict], object]]], records: Iterable[dict]) -> str:

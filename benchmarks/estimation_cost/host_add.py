@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,32 +24,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import models  # noqa: E402
-from env import environment, markdown_table, write_results  # noqa: E402
+from env import best_seconds, environment, markdown_table, write_results  # noqa: E402
 
 from gora.accumulate import HOST_ADD_CHUNK, host_add_  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def block_shapes(shape: models.Shape) -> list[tuple[int, int]]:
-    """(out, in) of q, k, v, o in one block (``models.LLAMA_TARGETS``)."""
-    kv = shape.kv_heads * (shape.hidden // shape.heads)
-    return [(shape.hidden, shape.hidden), (kv, shape.hidden), (kv, shape.hidden), (shape.hidden, shape.hidden)]
-
-
-def best_seconds(fn, reps: int) -> float:
-    fn()  # warm-up: pages touched, workspace allocated
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def measure(size: str, dtype: torch.dtype, threads: int, reps: int) -> dict:
     shape = models.SHAPES[size]
-    shapes = block_shapes(shape)
+    shapes = models.block_shapes(shape)
     generator = torch.Generator().manual_seed(0)
     grads = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
     totals = [torch.zeros(s) for s in shapes]

