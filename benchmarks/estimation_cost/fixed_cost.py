@@ -1,7 +1,7 @@
 """The fixed part of GoRA's estimation on the host, before and after its speed-ups, timed side by side.
 
 After the N forward+backward passes, ``estimate_gora`` scores every layer, draws A_max, solves for C and records
-package versions: a cost that does not shrink with N. At the Llama-3.1-8B shape (224 target layers) the H100 run
+package versions: a cost that does not shrink with N. At the Llama-3.1-8B shape (128 target layers) the H100 run
 measured ~0.4 s above the floor at N = 4. This script times each host-side step of that fixed part twice, the way
 the library did it before (the code as of commit 2739e77, written out here) and the way it does it now,
 alternated in one process, on a model shape's target layers:

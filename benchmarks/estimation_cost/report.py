@@ -43,7 +43,7 @@ def time_table(records: list[dict]) -> list[str]:
              "that drops each target gradient once complete (what every streaming estimator must at least do). Loop only = "
              "GoRA's N passes without scoring, allocation and C (``GoraState.estimation_seconds``).", "",
              "| method | method s | floor s | ratio (median) | ratio (min) | ≤ 1.10 | loop only ÷ floor | "
-             "÷ drop-hook floor | finite check / floor step |", "|---|---|---|---|---|---|---|---|---|"]
+             "÷ drop-hook floor | NaN/Inf probe / floor step |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r.get("time_ratio")
         lines.append(f"| {LABELS.get(r['method'], r['method'])} | {_fmt(statistics.median(r['method_s']))} | "
