@@ -35,6 +35,13 @@ def environment(device: str = "cpu") -> dict:
     return env
 
 
+def machine_line(env: dict) -> str:
+    """One line naming when, on what and under which load a result was measured (for a table's header)."""
+    threads = f", {env['torch_threads']} torch threads" if "torch_threads" in env else ""
+    return (f"{env['date']}; torch {env['torch']}; {env['cpu']} ({env['cpu_count']} CPUs{threads}); "
+            f"load average {env.get('load_average')}; commit {env['commit']}.")
+
+
 def best_seconds(fn: Callable[[], object], reps: int, setup: Callable[[], object] | None = None) -> float:
     """The least wall time of ``reps`` calls of ``fn`` after one warm-up call; ``setup`` runs, untimed, before each."""
     best = float("inf")

@@ -22,7 +22,6 @@ host does these steps (all of them run on the CPU, except scoring, which runs wh
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))  # measure this checkout's gora
 
 import models  # noqa: E402
-from env import best_seconds, environment, markdown_table, write_results  # noqa: E402
+from env import best_seconds, environment, machine_line, markdown_table, write_results  # noqa: E402
 
 from gora import versions  # noqa: E402
 from gora.importance import score_consuming_  # noqa: E402
@@ -130,8 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     env = environment()
     env["torch_threads"] = torch.get_num_threads()
     text = (f"## Host-side fixed cost of estimation, before and after (r = {args.r}, ranks {args.r // 2}..{4 * args.r})"
-            f"\n\n{env['date']}; torch {env['torch']}; {env['cpu']} ({os.cpu_count()} CPUs, {env['torch_threads']} "
-            f"torch threads); load average {env['load_average']}; commit {env['commit']}.\n\nBest of {args.reps} "
+            f"\n\n{machine_line(env)}\n\nBest of {args.reps} "
             f"alternated runs per step; scoring timed on one block and multiplied by the number of blocks.\n\n"
             f"{table(records)}\n")
     write_results(args.out, env, records, text)

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import models  # noqa: E402
-from env import best_seconds, environment, markdown_table, write_results  # noqa: E402
+from env import best_seconds, environment, machine_line, markdown_table, write_results  # noqa: E402
 
 from gora.accumulate import HOST_ADD_CHUNK, host_add_  # noqa: E402
 
@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     records = [measure(args.size, DTYPES[d], t, args.reps) for d in args.dtypes.split(",") for t in threads]
     env = environment()
     text = (f"## Host-side fp32 sums: `add_` vs `host_add_` ({args.size} q/k/v/o block shapes)\n\n"
-            f"{env['date']}; torch {env['torch']}; {env['cpu']} ({cores} CPUs); load average {env['load_average']}."
-            f"\n\nBest of {args.reps} alternated runs; s/step (model) = the time to add every target gradient of "
+            f"{machine_line(env)}\n\nBest of {args.reps} alternated runs; s/step (model) = the time to add every target gradient of "
             f"the whole model once, projected from the block's rate.\n\n{table(records)}\n")
     write_results(args.out, env, records, text)
 

@@ -45,6 +45,14 @@ def test_environment_names_versions_and_the_gpu_only_on_cuda(scripts):
     assert {"date", "python", "transformers", "peft", "cpu", "cpu_count", "commit", "command"} <= set(env)
 
 
+def test_machine_line_names_date_versions_cores_threads_load_and_commit(scripts):
+    env = {"date": "2026-11-23", "torch": "2.13.0", "cpu": "AMD EPYC", "cpu_count": 2, "load_average": (1.0, 0.5, 0.2),
+           "commit": "abc1234"}
+    assert scripts["env"].machine_line(env) == ("2026-11-23; torch 2.13.0; AMD EPYC (2 CPUs); load average "
+                                                "(1.0, 0.5, 0.2); commit abc1234.")
+    assert "(2 CPUs, 1 torch threads)" in scripts["env"].machine_line({**env, "torch_threads": 1})
+
+
 def test_dispatch_table_row(scripts):
     record = {"size": "minilm", "dtype": "float32", "estimator": "full", "layers": 37, "floor_ops_per_step": 690.2,
               "added_ops_per_step": 60.0, "added_launches_per_step": 50.0, "added_launches_per_layer_step": 50 / 37,
