@@ -69,7 +69,7 @@ def estimate_gora(
         logger.warning("fp16 model: estimation scales the loss by %g (halved on overflow) and sums in fp32.",
                        config.fp16_loss_scale)
     acc_device = accumulation_device(targets, device, config)
-    iterator = iter(batches)
+    iterator = iter(batches)  # before the draw threads start: a DataLoader forks its workers here
     with draw_pool(len(targets)) as pool:
         a_draws = {t.name: pool.submit(draw_a, config.seed, t.name, min(max_rank, t.in_features, t.out_features),
                                        t.in_features) for t in targets}
