@@ -90,3 +90,31 @@ def test_another_seed_draws_another_a_but_the_same_ranks(first_run, tmp_path):
     a, b = GoraState.load(first_run / "state"), GoraState.load(tmp_path / "seed1" / "state")
     assert a.ranks == b.ranks  # ranks depend on the gradients only
     assert all(not torch.equal(a.A[n], b.A[n]) for n in a.adapted)
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, index):
+        return self.batches[index]
+
+
+def test_a_dataloader_with_worker_processes_gives_the_same_state_as_a_list(tiny_bert):
+    """Worker processes fork when the iterator is made, before GoRA's draw threads start (a fork beside running
+    threads can deadlock); the result is the list's, bit for bit."""
+    from peft import LoraConfig
+
+    from conftest import make_bert_batches
+    from gora import GoraConfig, estimate_gora
+
+    batches = make_bert_batches(4)
+    lora, config = LoraConfig(r=4, target_modules=["query", "value"]), GoraConfig(num_steps=4, show_progress=False)
+    loader = torch.utils.data.DataLoader(_Batches(batches), batch_size=None, num_workers=2)
+    from_loader, from_list = estimate_gora(tiny_bert, lora, loader, config), estimate_gora(tiny_bert, lora, batches, config)
+    assert from_loader.ranks == from_list.ranks and from_loader.importance == from_list.importance
+    assert all(torch.equal(from_loader.C[n], from_list.C[n]) and torch.equal(from_loader.A[n], from_list.A[n])
+               for n in from_list.C)
