@@ -43,7 +43,8 @@ def grad_nuclear_score(weight: Tensor, grad: Tensor) -> Tensor:
 
 def score_consuming_(importance: str, weight: Tensor, grad: Tensor) -> Tensor:
     """``SCORE_FNS[importance](weight, grad)``, the same value, computed in ``grad``'s own memory when ``grad`` is fp32
-    and the score needs only W ⊙ Ḡ: ``grad`` is then overwritten with the product (no out × in temporaries).
+    and the score needs only W ⊙ Ḡ: ``grad`` then holds the product (or its absolute value) afterwards, and no
+    out × in temporary is made. Pass a Ḡ that is not needed any more.
     """
     reduce = PRODUCT_REDUCTIONS.get(importance)
     if reduce is None or grad.dtype != torch.float32:
