@@ -73,6 +73,12 @@ def host_add_(total: Tensor, grad: Tensor, alpha: float, workspace: Tensor) -> N
         total[part].add_(converted, alpha=alpha)
 
 
+def probe_flags(probes: list[Tensor]) -> Tensor:
+    """A bool per probe: has it no NaN/Inf? One multi-tensor L1 norm over all of them (a few kernels in all, not
+    one per tensor); NaN and Inf reach the norm from any entry."""
+    return torch.isfinite(torch.stack(torch._foreach_norm(probes, 1)))
+
+
 @dataclass
 class LayerSums:
     """What one layer accumulates. Full path: ``grad`` (out × in). Sketch path: ``proj`` and ``frob``."""
@@ -130,7 +136,6 @@ class GradientAccumulator:
         self._saved_modes: list[tuple[nn.Module, bool]] = []
         self._offload: PinnedOffload | None = None
         self._workspaces: dict[tuple[torch.device, int], Tensor] = {}  # sketch temporaries, reused
-        self._host_add_workspace: Tensor | None = None  # host_add_'s fp32 blocks (CPU sums of bf16/fp16 gradients)
 
     # -- context management ---------------------------------------------------------------
     def __enter__(self) -> "GradientAccumulator":
@@ -163,7 +168,6 @@ class GradientAccumulator:
 
     def _restore(self) -> None:
         self._workspaces.clear()
-        self._host_add_workspace = None
         if self._offload is not None:
             self._offload.close()
             self._offload = None
@@ -195,14 +199,10 @@ class GradientAccumulator:
     def _step_flags(self, extra_flags: list[Tensor]) -> Tensor:
         """One bool vector on the device: every probed layer's "finite?", then ``extra_flags``.
 
-        One multi-tensor L1 norm over all probes (a few kernels in all, not one per layer): NaN and Inf reach it
-        from any entry. The running sums are probed in place of the gradients: a sum holds a NaN/Inf from the first
-        step whose gradient had one, so the first failing step and its layers are named as exactly.
+        See :func:`probe_flags`. The running sums are probed in place of the gradients: a sum holds a NaN/Inf from
+        the first step whose gradient had one, so the first failing step and its layers are named as exactly.
         """
-        parts = []
-        if self._probes:
-            norms = torch._foreach_norm([probe for _, probe in self._probes], 1)
-            parts.append(torch.isfinite(torch.stack(norms)))
+        parts = [probe_flags([probe for _, probe in self._probes])] if self._probes else []
         if extra_flags:
             parts.append(torch.stack([flag.reshape(()) for flag in extra_flags]))
         return torch.cat(parts) if parts else torch.ones(0, dtype=torch.bool)
@@ -287,16 +287,15 @@ class GradientAccumulator:
             sums.grad = grad.to(torch.float32, copy=True)
             if inv_scale != 1.0:
                 sums.grad.mul_(inv_scale)
-        elif grad.dtype != torch.float32 and self.device.type == "cpu":
-            if self._host_add_workspace is None:
-                self._host_add_workspace = torch.empty(HOST_ADD_CHUNK, dtype=torch.float32)
-            host_add_(sums.grad, grad, inv_scale, self._host_add_workspace)
+        elif grad.dtype != torch.float32 and self.device.type == "cpu":  # CPU sums of bf16/fp16 gradients
+            host_add_(sums.grad, grad, inv_scale, self._buffer(self.device, 2, HOST_ADD_CHUNK))
         else:
             sums.grad.add_(grad, alpha=inv_scale)  # computed in fp32, the accumulator's dtype
         return sums.grad
 
-    def _workspace(self, device: torch.device, slot: int, shape: tuple[int, int]) -> Tensor:
-        """A reused fp32 buffer of ``SKETCH_BLOCK_ELEMENTS`` entries, viewed as ``shape``.
+    def _buffer(self, device: torch.device, slot: int, entries: int) -> Tensor:
+        """A reused fp32 buffer of ``entries`` entries per (device, slot), kept until the accumulator closes (slots 0
+        and 1: the sketch's temporaries; slot 2: ``host_add_``'s blocks).
 
         Reuse matters on the CPU: a fresh 16 MiB temporary per hook fragments glibc's heap (its mmap threshold
         rises after the first free) and added ~0.5 GB of peak RSS on a 1.1B model.
@@ -304,8 +303,12 @@ class GradientAccumulator:
         key = (device, slot)
         buffer = self._workspaces.get(key)
         if buffer is None:
-            buffer = self._workspaces[key] = torch.empty(SKETCH_BLOCK_ELEMENTS, dtype=torch.float32, device=device)
-        return buffer[: shape[0] * shape[1]].view(shape)
+            buffer = self._workspaces[key] = torch.empty(entries, dtype=torch.float32, device=device)
+        return buffer
+
+    def _workspace(self, device: torch.device, slot: int, shape: tuple[int, int]) -> Tensor:
+        """The slot's ``SKETCH_BLOCK_ELEMENTS``-entry buffer (see :meth:`_buffer`), viewed as ``shape``."""
+        return self._buffer(device, slot, SKETCH_BLOCK_ELEMENTS)[: shape[0] * shape[1]].view(shape)
 
     def _accumulate_sketch(self, sums: LayerSums, ops: SketchOperators, target: TargetLayer, grad: Tensor) -> Tensor:
         """S += G A_maxᵀ and F += (W ⊙ G) Ω, in fp32, over row blocks of G (bounded temporaries)."""

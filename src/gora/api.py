@@ -16,9 +16,9 @@ from .accumulate import LayerSums, SketchOperators
 from .allocation import allocate_ranks
 from .config import GoraConfig, check_gora_config, check_lora_config
 from .errors import GoraDataError
-from .estimation import EstimationRun, LossFn, accumulation_device, model_device, run_estimation
+from .estimation import EstimationRun, LossFn, accumulation_device, layer_score, model_device, run_estimation
 from .gamma_search import search_gamma
-from .importance import layer_importances, score_consuming_, sketch_norm
+from .importance import layer_importances
 from .initialization import draw_a, draw_omega, draw_pool, solve_c
 from .peft_bridge import apply_gora
 from .state import GoraState
@@ -181,13 +181,12 @@ def _score_and_project(targets: list[TargetLayer], sums: dict[str, LayerSums], a
     for target, layer in layers:
         if layer.grad is not None:
             g_bar = layer.grad.div_(layer.count)
-            weight = target.weight_out_in().detach().to(g_bar.device)
             projected[target.name] = g_bar @ a_dev.pop(target.name).t()
             # Ḡ is not needed after this: the score may overwrite it with W ⊙ Ḡ (no out × in temporary)
-            scores.append((target.name, score_consuming_(config.importance, weight, g_bar), None))
+            scores.append(layer_score(target, layer, config.importance, g_bar))
             layer.grad = None  # free Ḡ now: peak stays at the accumulators
         else:
-            scores.append((target.name, sketch_norm(layer.frob / layer.count), layer.frob.shape[1]))
+            scores.append(layer_score(target, layer, config.importance, None))
             projected[target.name] = layer.proj / layer.count
     return layer_importances(scores), _to_host(projected)
 

@@ -193,19 +193,25 @@ def _one_step(model, accumulator: GradientAccumulator, batch, loss_fn, step: int
         scale, redo = scale / 2, True
 
 
+def layer_score(target: TargetLayer, layer: LayerSums, importance: str, g_bar: Tensor | None
+                ) -> tuple[str, Tensor, int | None]:
+    """(name, 0-dim score, k) for ``layer_importances``: from the mean gradient ``g_bar``, which the score may
+    overwrite (pass one not needed any more), or, where there is none, from the layer's sketch."""
+    if g_bar is not None:
+        weight = target.weight_out_in().detach().to(g_bar.device)
+        return target.name, score_consuming_(importance, weight, g_bar), None
+    return target.name, sketch_norm(layer.frob / layer.count), layer.frob.shape[1]
+
+
 def _running_importance(targets: list[TargetLayer], sums: dict[str, LayerSums], config: GoraConfig) -> dict[str, float]:
     """Every layer's importance so far; the scores are read with one device sync, not one per layer."""
     scores = []
     for target in targets:
         layer = sums[target.name]
-        if layer.count == 0:
+        if layer.count == 0 or (layer.grad is None and layer.frob is None):
             continue
-        if layer.grad is not None:
-            weight = target.weight_out_in().detach().to(layer.grad.device)
-            # a fresh Ḡ: the score may overwrite it (no second out × in temporary)
-            scores.append((target.name, score_consuming_(config.importance, weight, layer.grad / layer.count), None))
-        elif layer.frob is not None:
-            scores.append((target.name, sketch_norm(layer.frob / layer.count), layer.frob.shape[1]))
+        g_bar = None if layer.grad is None else layer.grad / layer.count  # a fresh Ḡ: the score may overwrite it
+        scores.append(layer_score(target, layer, config.importance, g_bar))
     return layer_importances(scores)
 
 

@@ -29,8 +29,8 @@ from gora.bench.user_task import load_user_task
 logger = logging.getLogger(__name__)
 
 RECORD_INFO_FIELDS = (
-    "init_seconds", "ranks", "gamma", "adaptive_gamma", "num_steps", "min_rank", "max_rank", "importance", "estimator", "budget",
-    "actual_params", "estimation_seconds", "loraplus_ratio", "target_r", "init_batches",
+    "init_seconds", "ranks", "gamma", "adaptive_gamma", "num_steps", "min_rank", "max_rank", "importance", "estimator",
+    "budget", "actual_params", "estimation_seconds", "loraplus_ratio", "target_r", "init_batches",
 )
 """Fields a builder may report that go into the record when present."""
 
