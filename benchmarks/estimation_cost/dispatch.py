@@ -68,13 +68,6 @@ def gora_ops(model, lora_config: LoraConfig, batches, config: GoraConfig) -> Cou
     return counter.ops
 
 
-def added_ops(model, targets, lora_config, batches, config: GoraConfig) -> Counter:
-    """aten calls of ``estimate_gora`` beyond those of the same plain passes, per op."""
-    added = Counter(gora_ops(model, lora_config, batches, config))
-    added.subtract(floor_ops(model, targets, batches))
-    return added
-
-
 def launches(ops: Counter) -> int:
     return sum(n for op, n in ops.items() if op not in VIEWS)
 
@@ -85,9 +78,12 @@ def measure(size: str, dtype: torch.dtype, estimator: str, steps: int) -> dict:
     targets, _ = resolve_targets(model, lora_config)
     batches = models.random_batches(size, 2 * steps, 2, 16, torch.device("cpu"))
     extra = {"importance": "frobenius"} if estimator == "sketch" else {}
-    counts = {n: added_ops(model, targets, lora_config, batches[:n],
-                           GoraConfig(num_steps=n, estimator=estimator, show_progress=False, **extra))
-              for n in (steps, 2 * steps)}
+    counts, floors = {}, {}
+    for n in (steps, 2 * steps):  # estimate_gora's calls beyond those of the same plain passes, per op
+        floors[n] = floor_ops(model, targets, batches[:n])
+        counts[n] = gora_ops(model, lora_config, batches[:n],
+                             GoraConfig(num_steps=n, estimator=estimator, show_progress=False, **extra))
+        counts[n].subtract(floors[n])
     per_step = Counter(counts[2 * steps])
     per_step.subtract(counts[steps])  # N more steps; the fixed cost cancels
     per_step = {op: n / steps for op, n in per_step.items() if n}
@@ -95,7 +91,7 @@ def measure(size: str, dtype: torch.dtype, estimator: str, steps: int) -> dict:
     step_launches = launches(Counter(per_step))
     return {"size": size, "dtype": str(dtype).removeprefix("torch."), "estimator": estimator, "steps": steps,
             "layers": len(targets), "weights": weights,
-            "floor_ops_per_step": sum(floor_ops(model, targets, batches[:steps]).values()) / steps,
+            "floor_ops_per_step": sum(floors[steps].values()) / steps,
             "added_ops_per_step": sum(per_step.values()), "added_launches_per_step": step_launches,
             "added_launches_per_layer_step": step_launches / len(targets), "fixed_launches": launches(Counter(fixed)),
             "added_per_step_by_op": per_step, "fixed_by_op": {op: n for op, n in fixed.items() if n}}
@@ -124,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     text = (f"## aten calls GoRA's estimation adds per step (N = {args.steps}, batch 2×16, random weights, CPU)\n\n"
             f"{env['date']}; torch {env['torch']}; commit {env['commit']}.\n\n{table(records)}\n")
     write_results(args.out, env, records, text)
+
 
 if __name__ == "__main__":
     main()

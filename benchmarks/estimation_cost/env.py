@@ -55,6 +55,17 @@ def best_seconds(fn: Callable[[], object], reps: int, setup: Callable[[], object
     return best
 
 
+def alternated_best(fns: dict[str, Callable[[], object]], reps: int,
+                    setup: Callable[[], object] | None = None) -> dict[str, float]:
+    """{name: least wall time} over ``reps`` rounds that each time every function once (after a warm-up call), in
+    turn, so that all of them see the same machine load; ``setup`` runs, untimed, before every call."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for name, fn in fns.items():
+            best[name] = min(best[name], best_seconds(fn, 1, setup))
+    return best
+
+
 def markdown_table(columns: Iterable[tuple[str, Callable[[dict], object]]], records: Iterable[dict]) -> str:
     """A markdown table with one row per record: ``columns`` pairs a header with the function that renders a cell."""
     columns = list(columns)

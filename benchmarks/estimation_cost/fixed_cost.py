@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))  # measure this checkout's gora
 
 import models  # noqa: E402
-from env import best_seconds, environment, machine_line, markdown_table, write_results  # noqa: E402
+from env import alternated_best, environment, machine_line, markdown_table, write_results  # noqa: E402
 
 from gora import versions  # noqa: E402
 from gora.importance import score_consuming_  # noqa: E402
@@ -65,10 +65,7 @@ def measure(size: str, reference_rank: int, reps: int) -> list[dict]:
     results: dict[str, dict[str, float]] = {}
 
     def time_pair(step: str, before, after, setup=None, scale: float = 1.0) -> None:
-        times = {"before": float("inf"), "after": float("inf")}
-        for _ in range(reps):  # alternated, so that both see the same machine load
-            for which, fn in (("before", before), ("after", after)):
-                times[which] = min(times[which], best_seconds(fn, 1, setup))
+        times = alternated_best({"before": before, "after": after}, reps, setup)
         results[step] = {which: seconds * scale for which, seconds in times.items()}
 
     time_pair("draw A_max",
@@ -76,7 +73,8 @@ def measure(size: str, reference_rank: int, reps: int) -> list[dict]:
               lambda: _draw_on_pool(layers, r_max))
     a_max = {name: draw_a(0, name, r_max, inp) for name, _, inp in layers}
     projected = {name: torch.randn(out, r_max, generator=generator) for name, out, _ in layers}
-    factors = [(projected[name][:, :rank], a_max[name][:rank].contiguous()) for (name, _, _), rank in zip(layers, ranks)]
+    factors = [(projected[name][:, :rank], a_max[name][:rank].contiguous())
+               for (name, _, _), rank in zip(layers, ranks)]
     time_pair("solve C (float64)",
               lambda: [solve_c_before(p, a @ a.t()) for p, a in factors],
               lambda: [solve_c(p, a @ a.t()) for p, a in factors])

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import models  # noqa: E402
-from env import best_seconds, environment, machine_line, markdown_table, write_results  # noqa: E402
+from env import alternated_best, environment, machine_line, markdown_table, write_results  # noqa: E402
 
 from gora.accumulate import HOST_ADD_CHUNK, host_add_  # noqa: E402
 
@@ -48,11 +48,7 @@ def measure(size: str, dtype: torch.dtype, threads: int, reps: int) -> dict:
         for total, grad in zip(totals, grads):
             host_add_(total, grad, 1.0, workspace)
 
-    # alternate, so that both see the same machine load; best of `reps` each
-    times = {"plain": float("inf"), "host_add_": float("inf")}
-    for _ in range(reps):
-        times["plain"] = min(times["plain"], best_seconds(plain, 1))
-        times["host_add_"] = min(times["host_add_"], best_seconds(blocked, 1))
+    times = alternated_best({"plain": plain, "host_add_": blocked}, reps)
     params = sum(o * i for o, i in shapes)
     _, target_params = models.parameter_count(shape)
     record = {"size": size, "dtype": str(dtype).removeprefix("torch."), "threads": threads, "reps": reps,
@@ -89,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     records = [measure(args.size, DTYPES[d], t, args.reps) for d in args.dtypes.split(",") for t in threads]
     env = environment()
     text = (f"## Host-side fp32 sums: `add_` vs `host_add_` ({args.size} q/k/v/o block shapes)\n\n"
-            f"{machine_line(env)}\n\nBest of {args.reps} alternated runs; s/step (model) = the time to add every target gradient of "
-            f"the whole model once, projected from the block's rate.\n\n{table(records)}\n")
+            f"{machine_line(env)}\n\nBest of {args.reps} alternated runs; s/step (model) = the time to add every "
+            f"target gradient of the whole model once, projected from the block's rate.\n\n{table(records)}\n")
     write_results(args.out, env, records, text)
 
 

@@ -11,6 +11,7 @@ size, N) runs alone. The spec's ``section`` picks what is measured:
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -33,6 +34,7 @@ import torch  # noqa: E402
 import methods as m  # noqa: E402
 import models  # noqa: E402
 from gora import GoraConfig  # noqa: E402
+from gora.accumulate import probe_flags  # noqa: E402
 from gora.targets import resolve_targets  # noqa: E402
 
 logging.basicConfig(level=logging.WARNING)
@@ -144,22 +146,21 @@ def _result_info(method: str, result) -> dict:
 
 
 def _finite_check_share(model, targets, device, floor_step_s: float | None, sketch: bool) -> float | None:
-    """Time of one step's NaN/Inf probe per floor step: what ``GradientAccumulator`` queues each step (one
-    multi-tensor L1 norm over every layer's running fp32 sum, or its sketch projection, then ``isfinite``; read
-    on the host only every few steps on an accelerator, so no sync is timed apart from the end of the timing)."""
+    """Time of one step's NaN/Inf probe per floor step: ``gora.accumulate.probe_flags`` over every layer's running
+    fp32 sum, or its sketch projection, as ``GradientAccumulator`` queues it each step (read on the host only every
+    few steps on an accelerator, so no sync is timed apart from the end of the timing)."""
     if not floor_step_s:
         return None
-    layers = resolve_targets(model, m.lora_config(targets))[0]
-    r_max = GoraConfig().rank_bounds(m.lora_config(targets).r)[1]
+    lora_config = m.lora_config(targets)
+    layers = resolve_targets(model, lora_config)[0]
+    r_max = GoraConfig().rank_bounds(lora_config.r)[1]
     shapes = [(t.out_features, r_max if sketch else t.in_features) for t in layers]
     total = sum(o * i for o, i in shapes)
     sample = shapes if 4 * total <= 2**30 else shapes[:8]  # more than 1 GiB of sums: time 8 layers, scale up
     probes = [torch.randn(shape, dtype=torch.float32, device=device) for shape in sample]
     scale = total / sum(o * i for o, i in sample)
 
-    def check() -> None:
-        torch.isfinite(torch.stack(torch._foreach_norm(probes, 1)))
-
+    check = functools.partial(probe_flags, probes)
     check()  # warm-up: first kernel launches
     seconds = min(m.timed(check, device)[0] for _ in range(5))
     return seconds * scale / floor_step_s

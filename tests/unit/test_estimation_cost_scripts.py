@@ -27,6 +27,14 @@ def test_markdown_table_renders_one_row_per_record(scripts):
     assert text == "| a | b×2 |\n|---|---|\n| x | 2.0 |\n| y | 5.0 |"
 
 
+def test_alternated_best_times_every_function_in_turn_after_a_warm_up_each(scripts):
+    calls = []
+    best = scripts["env"].alternated_best({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=3,
+                                          setup=lambda: calls.append("setup"))
+    assert calls == ["setup", "a", "setup", "a", "setup", "b", "setup", "b"] * 3
+    assert set(best) == {"a", "b"} and all(0 <= seconds < 1 for seconds in best.values())
+
+
 def test_write_results_writes_json_and_table(scripts, tmp_path, capsys):
     import json
 
