@@ -47,8 +47,9 @@ def solve_c(projected_grad: Tensor, gram: Tensor) -> Tensor:
     """C = (Ḡ Aᵀ)(A Aᵀ)⁻¹ from P = Ḡ Aᵀ (out × r) and the Gram matrix A Aᵀ (r × r).
 
     In float64: the r × r inverse from the Cholesky factor, then one product P · (A Aᵀ)⁻¹ (least squares for a
-    Gram that is not positive definite); returns fp32. On the CPU the product is ~3x faster than a triangular
-    solve with ``out`` right-hand sides, at the same float64 accuracy (the Gram of a random A is well conditioned).
+    Gram that is not positive definite); returns fp32. On the CPU the product is faster than a triangular solve
+    with ``out`` right-hand sides (``benchmarks/results/cpu/fixed-cost/``), at the same float64 accuracy (the Gram
+    of a random A is well conditioned).
     """
     gram64 = gram.double()
     factor, info = torch.linalg.cholesky_ex(gram64)
