@@ -17,7 +17,7 @@ from .errors import GoraNumericalError
 
 
 def _mean_abs(product: Tensor) -> Tensor:
-    """mean |product|, taking the absolute value in place (torch's CPU ``vector_norm(ord=1)`` is several times slower)."""
+    """mean |product|, the absolute value taken in place (CPU ``vector_norm(ord=1)`` is several times slower)."""
     return product.abs_().mean()
 
 
