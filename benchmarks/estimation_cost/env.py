@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -64,6 +65,21 @@ def alternated_best(fns: dict[str, Callable[[], object]], reps: int,
         for name, fn in fns.items():
             best[name] = min(best[name], best_seconds(fn, 1, setup))
     return best
+
+
+def median_interval(values: Iterable[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval of the median of ``values``: the order statistics ``(k, n + 1 - k)``
+    for the largest ``k`` whose coverage ``1 - 2 P(Binomial(n, 1/2) < k)`` is still at least ``level``. Assumes only
+    independent draws from one distribution (no normality); None when ``n`` is too small for ``level`` (n < 6 at
+    95 %)."""
+    ordered = sorted(values)
+    n, k, tail = len(ordered), 0, 0.0
+    while k < n // 2:
+        tail += math.comb(n, k) / 2**n  # P(B = k), accumulated into P(B <= k)
+        if 1 - 2 * tail < level:
+            break
+        k += 1
+    return (ordered[k - 1], ordered[n - k]) if k else None
 
 
 def markdown_table(columns: Iterable[tuple[str, Callable[[dict], object]]], records: Iterable[dict]) -> str:

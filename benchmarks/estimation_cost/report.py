@@ -38,16 +38,22 @@ def time_table(records: list[dict]) -> list[str]:
     lines = [f"### Time: estimation vs the floor ({first['size']}, {first['weights']} weights, {first['data']} batches, "
              f"N={first['steps']}, batch {first['batch']}×{first['seq']}, {first['dtype']}, {first['device']})", "",
              "Floor = N plain forward+backward passes, same model, batches, mode and gradient-receiving weights, "
-             "interleaved with the method in one process: ratio = median over rounds of method ÷ the floor run just "
-             "before it; `min` ratio = best method run ÷ best floor run. Drop-hook floor = the same passes with a hook "
+             "interleaved with the method in one process: ratio = median over rounds of method ÷ the floor run "
+             "in the same round (rounds alternate the order: floor first, then method first), with its distribution-"
+             "free 95 % interval where there are 6 rounds or more; `min` ratio = best method run ÷ best floor run. "
+             "Drop-hook floor = the same passes with a hook "
              "that drops each target gradient once complete (what every streaming estimator must at least do). Loop only = "
              "GoRA's N passes without scoring, allocation and C (``GoraState.estimation_seconds``).", "",
-             "| method | method s | floor s | ratio (median) | ratio (min) | ≤ 1.10 | loop only ÷ floor | "
-             "÷ drop-hook floor | NaN/Inf probe / floor step |", "|---|---|---|---|---|---|---|---|---|"]
+             "| method | rounds | method s | floor s | ratio (median) | 95 % interval | ratio (min) | ≤ 1.10 | "
+             "loop only ÷ floor | ÷ drop-hook floor | NaN/Inf probe / floor step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r.get("time_ratio")
-        lines.append(f"| {LABELS.get(r['method'], r['method'])} | {_fmt(statistics.median(r['method_s']))} | "
-                     f"{_fmt(statistics.median(r['floor_s']))} | {_fmt(ratio, 3)} | {_fmt(r.get('time_ratio_min'), 3)} | "
+        interval = r.get("time_ratio_interval")
+        interval = "–" if not interval else f"{interval[0]:.3f}–{interval[1]:.3f}"
+        lines.append(f"| {LABELS.get(r['method'], r['method'])} | {len(r['method_s'])} | "
+                     f"{_fmt(statistics.median(r['method_s']))} | {_fmt(statistics.median(r['floor_s']))} | "
+                     f"{_fmt(ratio, 3)} | {interval} | {_fmt(r.get('time_ratio_min'), 3)} | "
                      f"{_verdict(None if ratio is None else ratio <= TIME_TARGET)} | {_fmt(r.get('loop_ratio'), 3)} | "
                      f"{_fmt(r.get('time_ratio_vs_drop_floor'), 3)} | {_fmt(r.get('finite_check_share'), 2, 0.01, ' %')} |")
     return lines + [""]

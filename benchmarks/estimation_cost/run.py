@@ -66,11 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                          f"{', '.join(s for s in models.SHAPES if s != 'minilm')}")
     parser.add_argument("--sections", help="any of time, throughput, ranks, scale, nsweep (default: all on CPU; "
                                            "all but ranks on CUDA, which needs MiniLM and Rotten Tomatoes installed)")
-    parser.add_argument("--methods", help="scale-section methods (default: all for the device)")
+    parser.add_argument("--methods", help="methods of the scale and time sections (default: all for the device; "
+                                          "each section keeps only those it knows)")
     parser.add_argument("--steps", type=int, help="N for the scale section")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--seq", type=int)
     parser.add_argument("--reps", type=int, help="[floor, method] rounds after the memory run (scale section)")
+    parser.add_argument("--time-reps", type=int, help="rounds of the time section, in alternating order (default 3; "
+                                                       "at least 6 for a 95 %% interval of the median ratio)")
     parser.add_argument("--dtype", help="float32, bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--timeout", type=int, help="seconds per configuration")
     parser.add_argument("--threads", type=int, help="torch threads per worker (0: torch's default; CPU default 1: "
@@ -93,8 +96,9 @@ def plan(args: argparse.Namespace) -> list[dict]:
     minilm_data = "rotten_tomatoes" if args.device == "cpu" else "random"
     by_section: dict[str, list[dict]] = {}
     by_section["time"] = [{**base, "section": "time", "method": method, "size": t["size"], "steps": t["steps"],
-                           "batch": t["batch"], "seq": t["seq"], "reps": t["reps"], "data": minilm_data}
-                          for method in d["time_methods"]]
+                           "batch": t["batch"], "seq": t["seq"], "reps": args.time_reps or t["reps"],
+                           "data": minilm_data}
+                          for method in d["time_methods"] if not args.methods or method in args.methods.split(",")]
     by_section["throughput"] = []
     for size in d["throughput_sizes"]:
         llama = size != "minilm"
@@ -107,7 +111,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
                             "steps": d["ranks_steps"], "batch": 16, "seq": 64, "data": "rotten_tomatoes",
                             "sketch_dims": d["ranks_sketch_dims"], "dtype": "float32"}]
     sizes = args.sizes.split(",") if args.sizes else d["sizes"]
-    scale_methods = args.methods.split(",") if args.methods else d["scale_methods"]
+    scale_methods = [m for m in args.methods.split(",") if m in d["scale_methods"]] if args.methods else d["scale_methods"]
     steps, batch, seq, reps = (args.steps or d["steps"], args.batch or d["batch"], args.seq or d["seq"],
                                d["reps"] if args.reps is None else args.reps)
     by_section["scale"] = [{**base, "section": "scale", "method": method, "size": size, "steps": steps, "batch": batch,

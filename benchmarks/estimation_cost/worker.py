@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 import methods as m  # noqa: E402
 import models  # noqa: E402
+from env import median_interval  # noqa: E402
 from gora import GoraConfig  # noqa: E402
 from gora.accumulate import probe_flags  # noqa: E402
 from gora.targets import resolve_targets  # noqa: E402
@@ -110,22 +111,32 @@ def measure_cost(spec: dict) -> dict:
     del result
     gc.collect()
     floor_s, method_s, drop_s, loop_s = [], [], [], []
-    for _ in range(spec.get("reps", 1) if spec["method"] != "floor" else 0):
+
+    def time_floor() -> None:
         floor_s.append(m.timed(lambda: m.run_floor(model, batches), device)[0])
-        if spec["section"] == "time":
-            drop_s.append(m.timed(lambda: m.run_floor_dropping(model, targets, batches), device)[0])
+
+    def time_drop_floor() -> None:
+        drop_s.append(m.timed(lambda: m.run_floor_dropping(model, targets, batches), device)[0])
+
+    def time_method() -> None:
         seconds, result = m.timed(run, device)
         method_s.append(seconds)
         if spec["method"].startswith("gora"):
             loop_s.append(result.estimation_seconds)  # the N forward/backward passes alone, without scoring
         cleanup(result)
-        del result
+
+    round_order = [time_floor] + ([time_drop_floor] if spec["section"] == "time" else []) + [time_method]
+    for index in range(spec.get("reps", 1) if spec["method"] != "floor" else 0):
+        for timing in round_order if index % 2 == 0 else round_order[::-1]:  # ABBA: a drift in load cancels
+            timing()
     out = {**info, **memory, **extra, "first_run_s": first_s, "floor_s": floor_s, "method_s": method_s}
     if loop_s:
         out["loop_s"] = loop_s
         out["loop_ratio"] = statistics.median(a / b for a, b in zip(loop_s, floor_s))
     if floor_s:
-        out["time_ratio"] = statistics.median(a / b for a, b in zip(method_s, floor_s))  # adjacent pairs
+        ratios = [a / b for a, b in zip(method_s, floor_s)]  # each round's method ÷ its own floor
+        out["time_ratio"] = statistics.median(ratios)
+        out["time_ratio_interval"] = median_interval(ratios)
         out["time_ratio_min"] = min(method_s) / min(floor_s)
         out["step_s"] = statistics.median(method_s) / len(batches)
         out["floor_step_s"] = statistics.median(floor_s) / len(batches)

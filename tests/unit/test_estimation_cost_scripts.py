@@ -73,10 +73,25 @@ def test_plan_orders_sections_and_sizes_as_asked(scripts):
     args = scripts["run"].parse_args(["--device", "cpu", "--out", "x", "--sections", "scale,time",
                                       "--sizes", "llama-tiny", "--methods", "lora,gora", "--steps", "3"])
     specs = scripts["run"].plan(args)
-    assert [s["section"] for s in specs] == ["time"] * 5 + ["scale"] * 2  # the CPU order: time before scale
-    assert [(s["method"], s["size"], s["steps"]) for s in specs[5:]] == [("lora", "llama-tiny", 3),
+    assert [s["section"] for s in specs] == ["time"] + ["scale"] * 2  # the CPU order: time before scale
+    assert specs[0]["method"] == "gora" and specs[0]["reps"] == 3  # lora is no time-section method
+    assert [(s["method"], s["size"], s["steps"]) for s in specs[1:]] == [("lora", "llama-tiny", 3),
                                                                           ("gora", "llama-tiny", 3)]
     assert all(s["threads"] == 1 and s["dtype"] == "float32" for s in specs)
+
+
+def test_plan_time_section_all_methods_and_more_rounds(scripts):
+    specs = scripts["run"].plan(scripts["run"].parse_args(["--out", "x", "--sections", "time", "--time-reps", "15"]))
+    assert [s["method"] for s in specs] == ["gora", "gora_sketch", "gora_ckpt", "loraga", "official"]
+    assert all(s["reps"] == 15 for s in specs)
+
+
+def test_median_interval_is_the_binomial_order_statistic_interval(scripts):
+    interval = scripts["env"].median_interval
+    assert interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # 5 draws: even (min, max) covers only 93.75 %
+    assert interval([6, 1, 5, 2, 4, 3]) == (1, 6)  # 6 draws: (min, max) covers 1 - 2/64 = 96.9 %
+    assert interval(list(range(12, 0, -1))) == (3, 10)  # 12: P(B <= 2) = 79/4096, so (3rd, 10th) covers 96.1 %
+    assert interval(list(range(12)), level=0.5) == (4, 7)  # 0.5 level: P(B <= 4) = 794/4096, (5th, 8th) covers 61 %
 
 
 def test_memory_guard_charges_what_each_method_keeps(scripts):
