@@ -49,11 +49,9 @@ def time_table(records: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r.get("time_ratio")
-        interval = r.get("time_ratio_interval")
-        interval = "–" if not interval else f"{interval[0]:.3f}–{interval[1]:.3f}"
         lines.append(f"| {LABELS.get(r['method'], r['method'])} | {len(r['method_s'])} | "
                      f"{_fmt(statistics.median(r['method_s']))} | {_fmt(statistics.median(r['floor_s']))} | "
-                     f"{_fmt(ratio, 3)} | {interval} | {_fmt(r.get('time_ratio_min'), 3)} | "
+                     f"{_fmt(ratio, 3)} | {_interval(r)} | {_fmt(r.get('time_ratio_min'), 3)} | "
                      f"{_verdict(None if ratio is None else ratio <= TIME_TARGET)} | {_fmt(r.get('loop_ratio'), 3)} | "
                      f"{_fmt(r.get('time_ratio_vs_drop_floor'), 3)} | {_fmt(r.get('finite_check_share'), 2, 0.01, ' %')} |")
     return lines + [""]
@@ -69,7 +67,7 @@ def scale_table(records: list[dict]) -> list[str]:
              "", f"Memory = {mem}, model weights included. Targets: sketch ≤ 1.10 × LoRA; full ≤ 1.10 × LoRA + "
              "4 B × target parameters.", "",
              "| size | params | target params | method | N | memory GiB | ÷ LoRA | target | host peak GiB | "
-             "s/step | ÷ floor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "s/step | ÷ floor (median) | rounds | 95 % interval |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for size in dict.fromkeys(r["size"] for r in rows):
         lora = next((r for r in rows if r["size"] == size and r["method"] == "lora"), None)
         lora_peak = _peak(lora) if lora else None
@@ -80,8 +78,14 @@ def scale_table(records: list[dict]) -> list[str]:
                          f"{LABELS.get(r['method'], r['method'])} | {r['steps']} | {_fmt(peak, 2, GIB)} | "
                          f"{_fmt(ratio, 3)} | {_verdict(_memory_target(r, peak, lora_peak))} | "
                          f"{_fmt(r.get('host_peak_rss_bytes'), 2, GIB)} | {_fmt(r.get('step_s'), 3)} | "
-                         f"{_fmt(r.get('time_ratio'), 3)} |")
+                         f"{_fmt(r.get('time_ratio'), 3)} | {len(r.get('floor_s') or []) or '–'} | {_interval(r)} |")
     return lines + [""]
+
+
+def _interval(record: dict) -> str:
+    """The distribution-free 95 % interval of the median time ratio, or a dash under 6 rounds."""
+    interval = record.get("time_ratio_interval")
+    return "–" if not interval else f"{interval[0]:.3f}–{interval[1]:.3f}"
 
 
 def _memory_target(record: dict, peak: int | None, lora_peak: int | None) -> bool | None:
