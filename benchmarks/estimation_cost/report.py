@@ -67,7 +67,7 @@ def scale_table(records: list[dict]) -> list[str]:
              "", f"Memory = {mem}, model weights included. Targets: sketch ≤ 1.10 × LoRA; full ≤ 1.10 × LoRA + "
              "4 B × target parameters.", "",
              "| size | params | target params | method | N | memory GiB | ÷ LoRA | target | host peak GiB | "
-             "s/step | ÷ floor (median) | rounds | 95 % interval |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "s/step | ÷ floor (median) | rounds | 95 % interval |", "|---" * 13 + "|"]
     for size in dict.fromkeys(r["size"] for r in rows):
         lora = next((r for r in rows if r["size"] == size and r["method"] == "lora"), None)
         lora_peak = _peak(lora) if lora else None
@@ -159,37 +159,45 @@ def plot(out: Path, records: list[dict]) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    sizes = dict.fromkeys(r["size"] for r in rows)
+    counts = {size: len({r["steps"] for r in rows if r["size"] == size}) for size in sizes}
+    sweep_size = max(counts, key=counts.get)  # the size measured at the most values of N
+    fig, axes = plt.subplots(1, 3 if counts[sweep_size] > 1 else 2, figsize=(16 if counts[sweep_size] > 1 else 11, 4.8))
     base_n = statistics.mode([r["steps"] for r in rows])
     for method in dict.fromkeys(r["method"] for r in rows):
         style = {"color": COLORS.get(method), "label": LABELS.get(method, method)}
-        points = sorted((r["params"], _peak(r), r.get("time_ratio")) for r in rows
+        points = sorted((r["params"], _peak(r), r.get("time_ratio"), r.get("time_ratio_interval")) for r in rows
                         if r["method"] == method and r["steps"] == base_n and _peak(r))
         if not points:
             continue
         axes[0].plot([p[0] / 1e6 for p in points], [p[1] / GIB for p in points], "o-", **style)
         timed = [p for p in points if p[2] is not None]
-        if timed:
-            axes[1].plot([p[0] / 1e6 for p in timed], [p[2] for p in timed], "o-", **style)
-    counts = {size: len({r["steps"] for r in rows if r["size"] == size}) for size in dict.fromkeys(r["size"] for r in rows)}
-    sweep_size = max(counts, key=counts.get)  # the size measured at the most values of N
-    for method in ("lora", "gora", "gora_sketch", "official"):
-        points = sorted((r["steps"], r.get("host_peak_rss_bytes"), _peak(r)) for r in rows
-                        if r["method"] == method and r["size"] == sweep_size and r.get("host_peak_rss_bytes"))
-        if points:
-            axes[2].plot([p[0] for p in points], [p[1] / GIB for p in points], "o-", color=COLORS[method],
-                         label=f"{LABELS[method]}, host RSS")
-            if rows[0]["device"] == "cuda":
-                axes[2].plot([p[0] for p in points], [p[2] / GIB for p in points], "s--", color=COLORS[method],
-                             alpha=0.6, label=f"{LABELS[method]}, device")
+        if timed:  # error bars: the 95 % interval of the median ratio, where there were 6 rounds or more
+            low = [p[2] - p[3][0] if p[3] else 0.0 for p in timed]
+            high = [p[3][1] - p[2] if p[3] else 0.0 for p in timed]
+            axes[1].errorbar([p[0] / 1e6 for p in timed], [p[2] for p in timed], yerr=[low, high], fmt="o-",
+                             capsize=3, **style)
     device = rows[0]["device"]
+    rounds = sorted({len(r["floor_s"]) for r in rows if r.get("floor_s")})
+    rounds_text = ("one round each: noisy" if rounds == [1] else
+                   f"median of {'/'.join(map(str, rounds))} rounds, 95 % CI")
     axes[0].set(xscale="log", yscale="log", xlabel="model parameters (M)",
                 ylabel="peak device memory (GiB)" if device == "cuda" else "peak RSS (GiB)",
                 title=f"Peak memory, N={base_n} ({rows[0]['dtype']}, {device})")
     axes[1].axhline(TIME_TARGET, color="grey", ls="--", lw=1)
     axes[1].set(xscale="log", xlabel="model parameters (M)", ylabel="time ÷ floor (N fwd+bwd)",
-                title="Estimation time vs the floor (one round each: noisy)")
-    axes[2].set(xlabel="N (batches)", ylabel="peak memory (GiB)", title=f"Peak memory vs N ({sweep_size})")
+                title=f"Time ÷ floor ({rounds_text})")
+    if counts[sweep_size] > 1:
+        for method in ("lora", "gora", "gora_sketch", "official"):
+            points = sorted((r["steps"], r.get("host_peak_rss_bytes"), _peak(r)) for r in rows
+                            if r["method"] == method and r["size"] == sweep_size and r.get("host_peak_rss_bytes"))
+            if points:
+                axes[2].plot([p[0] for p in points], [p[1] / GIB for p in points], "o-", color=COLORS[method],
+                             label=f"{LABELS[method]}, host RSS")
+                if device == "cuda":
+                    axes[2].plot([p[0] for p in points], [p[2] / GIB for p in points], "s--", color=COLORS[method],
+                                 alpha=0.6, label=f"{LABELS[method]}, device")
+        axes[2].set(xlabel="N (batches)", ylabel="peak memory (GiB)", title=f"Peak memory vs N ({sweep_size})")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

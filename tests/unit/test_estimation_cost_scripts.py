@@ -100,3 +100,27 @@ def test_memory_guard_charges_what_each_method_keeps(scripts):
                                                     "steps": 2}) for m in ("lora", "gora", "official")}
     assert need["gora"] - need["lora"] == 4 * targets  # fp32 sums
     assert need["official"] - need["lora"] == 3 * 4 * targets  # N copies and their mean, in the parameter dtype
+
+
+def _scale_record(scripts, method: str, size: str, params: float, steps: int, ratios: list[float] | None) -> dict:
+    record = {"status": "ok", "section": "scale", "method": method, "size": size, "params": params,
+              "target_params": params / 4, "steps": steps, "device": "cpu", "dtype": "float32", "batch": 2, "seq": 64,
+              "host_peak_rss_bytes": int(params * 5), "threads": 1}
+    if ratios:
+        record |= {"floor_s": [1.0] * len(ratios), "method_s": ratios, "time_ratio": sorted(ratios)[len(ratios) // 2],
+                   "time_ratio_interval": scripts["env"].median_interval(ratios), "step_s": 1.0}
+    return record
+
+
+def test_scale_table_and_plot_show_rounds_and_the_interval(scripts, tmp_path):
+    ratios = [1.0, 1.02, 1.04, 1.06, 1.08, 1.1, 1.12, 1.14, 1.16]
+    records = [_scale_record(scripts, "lora", "s", 1e8, 4, None),
+               _scale_record(scripts, "gora", "s", 1e8, 4, ratios),
+               _scale_record(scripts, "lora", "m", 1e9, 4, None),
+               _scale_record(scripts, "gora", "m", 1e9, 4, ratios[:1])]
+    lines = scripts["report"].scale_table(records)
+    gora_rows = [line for line in lines if "GoRA full" in line]
+    assert gora_rows[0].endswith("| 1.080 | 9 | 1.020–1.140 |")  # 2nd and 8th of 9 sorted ratios
+    assert gora_rows[1].endswith("| 1.000 | 1 | – |")  # one round: no interval
+    path = scripts["report"].plot(tmp_path, records)  # one N only: no N panel, error bars where there are intervals
+    assert path is not None and path.stat().st_size > 0
