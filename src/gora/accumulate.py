@@ -2,13 +2,17 @@
 
 One ``register_post_accumulate_grad_hook`` per target weight fires once ``.grad`` is complete,
 adds it into an fp32 accumulator and drops it (``p.grad = None``). Backward produces gradients
-layer by layer, so about one full weight gradient is alive at a time, and the last-computed layer
-is caught like the others (the official code's pre-accumulation hooks lose it). No hook ever
+layer by layer, so about one full weight gradient is alive at a time (small ones are batched, below), and the
+last-computed layer is caught like the others (the official code's pre-accumulation hooks lose it). No hook ever
 sweeps the other parameters.
 
 Where the sums live:
 
-- on the model's device (default when 4 B per target parameter fits): one fp32 add per hook;
+- on the model's device (default when 4 B per target parameter fits): one fp32 add per hook, except that small
+  gradients are held until ``BATCH_ADD_BYTES`` of them are pending (or backward ends) and added with one
+  ``torch._foreach_add_``: every op issued from a hook costs a few µs of host time inside backward, which is
+  what a launch-bound step (a small model on a GPU) pays per layer. A gradient of ``BATCH_ADD_BYTES`` or more
+  is added at once, as before;
 - CUDA model, CPU sums (``offload``): the hook copies the gradient, in its own dtype, into a
   pinned staging buffer without blocking and a worker thread adds it into the CPU sum once the
   copy's event has fired, so backward keeps running while the host adds;
@@ -44,6 +48,8 @@ SKETCH_BLOCK_ELEMENTS = 1 << 22
 """Largest fp32 temporary of the sketch hook (16 MiB): rows of G are projected in blocks of this many entries."""
 STAGING_BUFFERS = 3
 """Pinned staging buffers of the CUDA → CPU offload (copies in flight while the host adds)."""
+BATCH_ADD_BYTES = 16 << 20
+"""Gradients held for one batched add at most (16 MiB); 0 adds every gradient in its own hook."""
 HOST_ADD_CHUNK = 1 << 20
 """Entries converted to fp32 at a time by :func:`host_add_` (4 MiB: stays in cache between convert and add)."""
 
@@ -135,6 +141,9 @@ class GradientAccumulator:
         self._weights: list[nn.Parameter] = []  # the target weights, resolved once
         self._saved_modes: list[tuple[nn.Module, bool]] = []
         self._offload: PinnedOffload | None = None
+        self.batch_add_bytes = BATCH_ADD_BYTES
+        self._pending: tuple[list[Tensor], list[Tensor]] = ([], [])  # (sums, gradients) not yet added
+        self._pending_bytes = 0
         self._workspaces: dict[tuple[torch.device, int], Tensor] = {}  # sketch temporaries, reused
 
     # -- context management ---------------------------------------------------------------
@@ -167,6 +176,7 @@ class GradientAccumulator:
             self._restore()
 
     def _restore(self) -> None:
+        self._drop_pending()
         self._workspaces.clear()
         if self._offload is not None:
             self._offload.close()
@@ -182,7 +192,8 @@ class GradientAccumulator:
             module.training = mode
 
     def synchronize(self) -> None:
-        """Wait until every gradient handed to the offload worker is in its sum (no-op otherwise)."""
+        """Add the pending gradients and wait until every gradient handed to the offload worker is in its sum."""
+        self._flush()
         if self._offload is not None:
             self._offload.drain()
 
@@ -202,6 +213,7 @@ class GradientAccumulator:
         See :func:`probe_flags`. The running sums are probed in place of the gradients: a sum holds a NaN/Inf from
         the first step whose gradient had one, so the first failing step and its layers are named as exactly.
         """
+        self._flush()  # backward is over: the held gradients go into the sums before they are probed
         parts = [probe_flags([probe for _, probe in self._probes])] if self._probes else []
         if extra_flags:
             parts.append(torch.stack([flag.reshape(()) for flag in extra_flags]))
@@ -253,7 +265,7 @@ class GradientAccumulator:
 
         def hook(param: Tensor) -> None:
             grad = param.grad
-            param.grad = None  # drop it at once: about one full gradient alive at a time
+            param.grad = None  # drop it at once: about one full gradient alive at a time (see BATCH_ADD_BYTES)
             if grad is None or name in self._skip:
                 return
             if target.transposed:
@@ -289,9 +301,30 @@ class GradientAccumulator:
                 sums.grad.mul_(inv_scale)
         elif grad.dtype != torch.float32 and self.device.type == "cpu":  # CPU sums of bf16/fp16 gradients
             host_add_(sums.grad, grad, inv_scale, self._buffer(self.device, 2, HOST_ADD_CHUNK))
+        elif inv_scale == 1.0 and not self.check_each_hook:
+            self._add_batched(sums.grad, grad)
         else:
             sums.grad.add_(grad, alpha=inv_scale)  # computed in fp32, the accumulator's dtype
         return sums.grad
+
+    def _add_batched(self, total: Tensor, grad: Tensor) -> None:
+        """``total += grad``, held back with other small gradients until ``batch_add_bytes`` are pending."""
+        totals, grads = self._pending
+        totals.append(total)
+        grads.append(grad)
+        self._pending_bytes += grad.numel() * grad.element_size()
+        if self._pending_bytes >= self.batch_add_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Add the pending gradients into their sums: one multi-tensor add (computed in fp32, as ``add_``)."""
+        totals, grads = self._pending
+        if totals:
+            torch._foreach_add_(totals, grads)
+            self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        self._pending, self._pending_bytes = ([], []), 0
 
     def _buffer(self, device: torch.device, slot: int, entries: int) -> Tensor:
         """A reused fp32 buffer of ``entries`` entries per (device, slot), kept until the accumulator closes (slots 0

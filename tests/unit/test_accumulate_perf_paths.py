@@ -175,6 +175,45 @@ def test_sketch_row_blocks_equal_one_block_and_full_projection(monkeypatch):
         torch.testing.assert_close(blocks.sums[name].frob, w_g @ ops[name].omega, rtol=1e-4, atol=1e-6)
 
 
+# -- batched adds ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [1, 2000, 1 << 30])  # every gradient at once / a few per add / all per step
+def test_batched_adds_give_the_sums_of_one_add_per_hook_bit_for_bit(monkeypatch, budget):
+    model = tiny_llama()
+    batches = make_lm_batches(3)
+    monkeypatch.setattr(accumulate, "BATCH_ADD_BYTES", 0)
+    targets, per_hook = _run(model, LLAMA_TARGETS, batches)
+    monkeypatch.setattr(accumulate, "BATCH_ADD_BYTES", budget)
+    before = _snapshot(model)
+    _, batched = _run(model, LLAMA_TARGETS, batches)
+    _assert_restored(model, before)
+    for target in targets:
+        assert batched.sums[target.name].count == per_hook.sums[target.name].count == 3
+        assert torch.equal(batched.sums[target.name].grad, per_hook.sums[target.name].grad), target.name
+
+
+def test_batched_adds_hold_at_most_the_budget_plus_one_gradient_and_none_after_the_step(monkeypatch):
+    model = tiny_llama()
+    targets, _ = resolve_targets(model, LoraConfig(r=4, target_modules=LLAMA_TARGETS))
+    budget = 20000  # bytes: this model's gradients are 2-8 KiB, so a few are held per add
+    monkeypatch.setattr(accumulate, "BATCH_ADD_BYTES", budget)
+    held = []
+    original = accumulate.GradientAccumulator._add_batched
+
+    def watch(self, total, grad):
+        original(self, total, grad)
+        held.append(self._pending_bytes)
+
+    monkeypatch.setattr(accumulate.GradientAccumulator, "_add_batched", watch)
+    largest = max(t.in_features * t.out_features * 4 for t in targets)
+    with accumulate.GradientAccumulator(model, targets, torch.device("cpu")) as accumulator:
+        for step, batch in enumerate(make_lm_batches(3)):
+            accumulator.begin_step()
+            model(**batch).loss.backward()
+            accumulator.defer_step(step, [])
+            assert accumulator._pending_bytes == 0  # flushed before the probes read the sums
+    assert held and max(held) < budget + largest and 0 in held  # flushed within the step, not only at its end
+
+
 # -- finite checks -------------------------------------------------------------------------------
 def _nan_gradient_loss(layer_suffix: str, bad_step: int):
     """A finite loss whose backward makes one layer's gradient NaN at ``bad_step`` (0-based)."""

@@ -1,0 +1,142 @@
+"""Host time per layer of GoRA's estimation loop, where the passes themselves cost almost nothing.
+
+A small model on a GPU is bound by the host: every operation a hook issues costs host time in every step, and
+inside backward an operation costs several µs (measured here: more than outside, in a warm loop). This script
+makes that cost visible on the CPU with an MLP of tiny ``Linear`` layers, whose passes take microseconds, and
+times in one process, alternated, round by round:
+
+- ``floor``: N plain forward+backward passes with gradients on the weights, ``grad = None`` after each;
+- ``drop hook``: the same with a post-accumulate hook per weight that drops its gradient;
+- ``GoRA, one add per hook``: ``run_estimation`` (the library's loop, full estimator) with
+  ``BATCH_ADD_BYTES = 0``: every hook adds its gradient into its fp32 sum at once (the code before batching);
+- ``GoRA, batched adds``: the same with the default ``BATCH_ADD_BYTES``: small gradients are held and added
+  with one ``torch._foreach_add_``.
+
+    python benchmarks/estimation_cost/host_overhead.py --out benchmarks/results/cpu/host-overhead
+
+Reports µs per step and per layer over the floor (median over rounds, with the distribution-free 95 % interval
+of the per-round medians where there are 6 rounds or more). Writes ``results.json`` and ``table.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from env import environment, machine_line, markdown_table, median_interval, write_results  # noqa: E402
+
+from gora import GoraConfig, accumulate  # noqa: E402
+from gora.estimation import run_estimation  # noqa: E402
+from gora.targets import resolve_targets  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+
+
+def _loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(batch).pow(2).mean()
+
+
+def measure(layers: int, width: int, batch: int, steps: int, rounds: int) -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    for param in model.parameters():
+        param.requires_grad_(False)
+    batches = [torch.randn(batch, width) for _ in range(steps)]
+    targets, _ = resolve_targets(model, LoraConfig(r=8, target_modules=[str(i) for i in range(layers)]))
+    weights = [t.weight for t in targets]
+    config = GoraConfig(num_steps=steps, show_progress=False)
+
+    def passes(drop: bool) -> float:
+        for weight in weights:
+            weight.requires_grad_(True)
+        handles = [w.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for w in weights] \
+            if drop else []
+        start = time.perf_counter()
+        for x in batches:
+            _loss(model, x).backward()
+            for weight in weights:
+                weight.grad = None
+        seconds = time.perf_counter() - start
+        for handle in handles:
+            handle.remove()
+        for weight in weights:
+            weight.requires_grad_(False)
+        return seconds
+
+    def gora(batch_bytes: int) -> float:
+        saved, accumulate.BATCH_ADD_BYTES = accumulate.BATCH_ADD_BYTES, batch_bytes
+        try:
+            run = run_estimation(model, targets, iter(batches), config, _loss, None, torch.device("cpu"))
+        finally:
+            accumulate.BATCH_ADD_BYTES = saved
+        return run.seconds
+
+    default_bytes = accumulate.BATCH_ADD_BYTES
+    variants = {"floor": lambda: passes(False), "drop_hook": lambda: passes(True),
+                "gora_per_hook": lambda: gora(0), "gora_batched": lambda: gora(default_bytes)}
+    for fn in variants.values():
+        fn()  # warm-up: sums, workspaces, first-call paths
+    seconds = {name: [] for name in variants}
+    order = list(variants)
+    for index in range(rounds):  # alternate the order: a drift in machine speed cancels
+        for name in order if index % 2 == 0 else order[::-1]:
+            seconds[name].append(variants[name]())
+    record = {"layers": layers, "width": width, "batch": batch, "steps": steps, "rounds": rounds,
+              "batch_add_bytes": default_bytes, "seconds": seconds}
+    floor = seconds["floor"]
+    for name in variants:
+        per_step = [s / steps * 1e6 for s in seconds[name]]
+        over = [(s - f) / steps / layers * 1e6 for s, f in zip(seconds[name], floor)]  # same round's floor
+        record[f"{name}_us_per_step"] = statistics.median(per_step)
+        record[f"{name}_us_per_layer_over_floor"] = statistics.median(over)
+        record[f"{name}_us_per_layer_interval"] = median_interval(over)
+    record["per_hook_over_batched"] = (statistics.median(seconds["gora_per_hook"])
+                                       / statistics.median(seconds["gora_batched"]))
+    return record
+
+
+def _cell(record: dict, name: str) -> str:
+    interval = record[f"{name}_us_per_layer_interval"]
+    spread = f" ({interval[0]:.1f}–{interval[1]:.1f})" if interval else ""
+    return f"{record[f'{name}_us_per_step']:.0f} µs/step; {record[f'{name}_us_per_layer_over_floor']:.1f}{spread}"
+
+
+def table(records: list[dict]) -> str:
+    return markdown_table([
+        ("layers × width, batch, N", lambda r: f"{r['layers']} × {r['width']}, {r['batch']}, {r['steps']}"),
+        ("floor", lambda r: f"{r['floor_us_per_step']:.0f} µs/step"),
+        ("drop hook: µs/layer over floor", lambda r: _cell(r, "drop_hook")),
+        ("GoRA, one add per hook", lambda r: _cell(r, "gora_per_hook")),
+        ("GoRA, batched adds", lambda r: _cell(r, "gora_batched")),
+        ("per hook ÷ batched (time)", lambda r: f"**{r['per_hook_over_batched']:.2f}×**")], records)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--layers", default="16,64", help="comma-separated layer counts")
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    records = [measure(int(n), args.width, args.batch, args.steps, args.rounds) for n in args.layers.split(",")]
+    env = {**environment(), "torch_threads": args.threads}
+    text = (f"## Host time per layer of the estimation loop (tiny MLP, CPU)\n\n{machine_line(env)}\n\n"
+            f"Median over {args.rounds} alternated rounds; cells: µs per step, then µs per layer over the same "
+            "round's floor (95 % interval).\n\n"
+            f"{table(records)}\n")
+    write_results(args.out, env, records, text)
+
+
+if __name__ == "__main__":
+    main()
