@@ -1,7 +1,7 @@
 """Host time per layer of GoRA's estimation loop, where the passes themselves cost almost nothing.
 
-A small model on a GPU is bound by the host: every operation a hook issues costs host time in every step, and
-inside backward an operation costs several µs (measured here: more than outside, in a warm loop). This script
+A small model on a GPU is bound by the host: every operation a hook issues costs host time (Python, the
+dispatcher, a launch) in every step. This script
 makes that cost visible on the CPU with an MLP of tiny ``Linear`` layers, whose passes take microseconds, and
 times in one process, alternated, round by round:
 
