@@ -9,8 +9,9 @@ as the device sees it): the count does not depend on the machine's load, so it c
 
 Counts the aten calls of ``gora.estimate_gora`` with N and with 2N batches, and of N and 2N plain forward+backward
 passes with gradients on the same weights: the difference per extra step is what each step adds (hooks, NaN/Inf
-flags); what is left is the fixed cost (scoring, allocation, initialisation). Writes ``results.json`` and
-``table.md``; prints the table.
+flags); what is left is the fixed cost (scoring, allocation, initialisation). The sums use the accelerator's
+batch budget for the adds (``gora.accumulate.BATCH_ADD_BYTES``), not the CPU's smaller one, so that the count is what
+a GPU step issues. Writes ``results.json`` and ``table.md``; prints the table.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
 from env import environment, markdown_table, write_results  # noqa: E402
 
-from gora import GoraConfig, estimate_gora  # noqa: E402
+from gora import GoraConfig, accumulate, estimate_gora  # noqa: E402
 from gora.targets import resolve_targets  # noqa: E402
 
 VIEWS = {"view", "t", "transpose", "detach", "alias", "slice", "select", "_reshape_alias", "as_strided", "expand",
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=8, help="N (the first step makes the sums; more steps average)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    accumulate.CPU_BATCH_ADD_BYTES = accumulate.BATCH_ADD_BYTES  # count as on an accelerator (see above)
     records = [measure(size, dtype, estimator, args.steps) for size in args.sizes.split(",")
                for dtype in (torch.float32, torch.bfloat16) for estimator in ("full", "sketch")]
     env = environment()

@@ -7,10 +7,11 @@ times in one process, alternated, round by round:
 
 - ``floor``: N plain forward+backward passes with gradients on the weights, ``grad = None`` after each;
 - ``drop hook``: the same with a post-accumulate hook per weight that drops its gradient;
-- ``GoRA, one add per hook``: ``run_estimation`` (the library's loop, full estimator) with
-  ``BATCH_ADD_BYTES = 0``: every hook adds its gradient into its fp32 sum at once (the code before batching);
-- ``GoRA, batched adds``: the same with the default ``BATCH_ADD_BYTES``: small gradients are held and added
-  with one ``torch._foreach_add_``.
+- ``GoRA, one add per hook``: ``run_estimation`` (the library's loop, full estimator, sums on the CPU) with a
+  batch budget of 0: every hook adds its gradient into its fp32 sum at once (the code before batching);
+- ``GoRA, batched adds``: the same with the CPU default ``CPU_BATCH_ADD_BYTES``: small gradients are held and
+  added with one ``torch._foreach_add_``;
+- ``GoRA, accelerator budget``: the same with ``BATCH_ADD_BYTES``, the budget for sums on an accelerator.
 
     python benchmarks/estimation_cost/host_overhead.py --out benchmarks/results/cpu/host-overhead
 
@@ -71,16 +72,17 @@ def measure(layers: int, width: int, batch: int, steps: int, rounds: int) -> dic
         return seconds
 
     def gora(batch_bytes: int) -> float:
-        saved, accumulate.BATCH_ADD_BYTES = accumulate.BATCH_ADD_BYTES, batch_bytes
+        saved, accumulate.CPU_BATCH_ADD_BYTES = accumulate.CPU_BATCH_ADD_BYTES, batch_bytes
         try:
             run = run_estimation(model, targets, iter(batches), config, _loss, None, torch.device("cpu"))
         finally:
-            accumulate.BATCH_ADD_BYTES = saved
+            accumulate.CPU_BATCH_ADD_BYTES = saved
         return run.seconds
 
-    default_bytes = accumulate.BATCH_ADD_BYTES
+    default_bytes = accumulate.CPU_BATCH_ADD_BYTES
     variants = {"floor": lambda: passes(False), "drop_hook": lambda: passes(True),
-                "gora_per_hook": lambda: gora(0), "gora_batched": lambda: gora(default_bytes)}
+                "gora_per_hook": lambda: gora(0), "gora_batched": lambda: gora(default_bytes),
+                "gora_accelerator_budget": lambda: gora(accumulate.BATCH_ADD_BYTES)}
     for fn in variants.values():
         fn()  # warm-up: sums, workspaces, first-call paths
     seconds = {name: [] for name in variants}
@@ -114,7 +116,8 @@ def table(records: list[dict]) -> str:
         ("floor", lambda r: f"{r['floor_us_per_step']:.0f} µs/step"),
         ("drop hook: µs/layer over floor", lambda r: _cell(r, "drop_hook")),
         ("GoRA, one add per hook", lambda r: _cell(r, "gora_per_hook")),
-        ("GoRA, batched adds", lambda r: _cell(r, "gora_batched")),
+        ("GoRA, batched adds (CPU budget)", lambda r: _cell(r, "gora_batched")),
+        ("GoRA, accelerator budget", lambda r: _cell(r, "gora_accelerator_budget")),
         ("per hook ÷ batched (time)", lambda r: f"**{r['per_hook_over_batched']:.2f}×**")], records)
 
 

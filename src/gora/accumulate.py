@@ -9,10 +9,10 @@ sweeps the other parameters.
 Where the sums live:
 
 - on the model's device (default when 4 B per target parameter fits): one fp32 add per hook, except that small
-  gradients are held until ``BATCH_ADD_BYTES`` of them are pending (or backward ends) and added with one
-  ``torch._foreach_add_``: every op issued from a hook costs a few µs of host time inside backward, which is
-  what a launch-bound step (a small model on a GPU) pays per layer. A gradient of ``BATCH_ADD_BYTES`` or more
-  is added at once, as before;
+  gradients are held until ``BATCH_ADD_BYTES`` of them are pending (``CPU_BATCH_ADD_BYTES`` for CPU sums), or
+  backward ends, and added with one ``torch._foreach_add_``: every op issued from a hook costs µs of host time
+  inside backward, which is what a launch-bound step (a small model on a GPU) pays per layer. A gradient of
+  the budget or more is added at once, as before;
 - CUDA model, CPU sums (``offload``): the hook copies the gradient, in its own dtype, into a
   pinned staging buffer without blocking and a worker thread adds it into the CPU sum once the
   copy's event has fired, so backward keeps running while the host adds;
@@ -49,7 +49,11 @@ SKETCH_BLOCK_ELEMENTS = 1 << 22
 STAGING_BUFFERS = 3
 """Pinned staging buffers of the CUDA → CPU offload (copies in flight while the host adds)."""
 BATCH_ADD_BYTES = 16 << 20
-"""Gradients held for one batched add at most (16 MiB); 0 adds every gradient in its own hook."""
+"""Gradients held for one batched add at most, for sums on an accelerator (16 MiB); 0 adds every gradient in its own
+hook. There an add is host-bound (µs of Python and launch against a fraction of a µs of memory traffic)."""
+CPU_BATCH_ADD_BYTES = 64 << 10
+"""The same for sums in CPU memory (64 KiB): there a held gradient leaves the cache before its add, which costs more
+than the host time saved, except for small gradients (tiny layers), which this budget still batches."""
 HOST_ADD_CHUNK = 1 << 20
 """Entries converted to fp32 at a time by :func:`host_add_` (4 MiB: stays in cache between convert and add)."""
 
@@ -141,7 +145,7 @@ class GradientAccumulator:
         self._weights: list[nn.Parameter] = []  # the target weights, resolved once
         self._saved_modes: list[tuple[nn.Module, bool]] = []
         self._offload: PinnedOffload | None = None
-        self.batch_add_bytes = BATCH_ADD_BYTES
+        self.batch_add_bytes = CPU_BATCH_ADD_BYTES if self.device.type == "cpu" else BATCH_ADD_BYTES
         self._pending: tuple[list[Tensor], list[Tensor]] = ([], [])  # (sums, gradients) not yet added
         self._pending_bytes = 0
         self._workspaces: dict[tuple[torch.device, int], Tensor] = {}  # sketch temporaries, reused

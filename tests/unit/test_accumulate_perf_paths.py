@@ -180,9 +180,9 @@ def test_sketch_row_blocks_equal_one_block_and_full_projection(monkeypatch):
 def test_batched_adds_give_the_sums_of_one_add_per_hook_bit_for_bit(monkeypatch, budget):
     model = tiny_llama()
     batches = make_lm_batches(3)
-    monkeypatch.setattr(accumulate, "BATCH_ADD_BYTES", 0)
+    monkeypatch.setattr(accumulate, "CPU_BATCH_ADD_BYTES", 0)
     targets, per_hook = _run(model, LLAMA_TARGETS, batches)
-    monkeypatch.setattr(accumulate, "BATCH_ADD_BYTES", budget)
+    monkeypatch.setattr(accumulate, "CPU_BATCH_ADD_BYTES", budget)
     before = _snapshot(model)
     _, batched = _run(model, LLAMA_TARGETS, batches)
     _assert_restored(model, before)
@@ -195,7 +195,7 @@ def test_batched_adds_hold_at_most_the_budget_plus_one_gradient_and_none_after_t
     model = tiny_llama()
     targets, _ = resolve_targets(model, LoraConfig(r=4, target_modules=LLAMA_TARGETS))
     budget = 20000  # bytes: this model's gradients are 2-8 KiB, so a few are held per add
-    monkeypatch.setattr(accumulate, "BATCH_ADD_BYTES", budget)
+    monkeypatch.setattr(accumulate, "CPU_BATCH_ADD_BYTES", budget)
     held = []
     original = accumulate.GradientAccumulator._add_batched
 
@@ -212,6 +212,15 @@ def test_batched_adds_hold_at_most_the_budget_plus_one_gradient_and_none_after_t
             accumulator.defer_step(step, [])
             assert accumulator._pending_bytes == 0  # flushed before the probes read the sums
     assert held and max(held) < budget + largest and 0 in held  # flushed within the step, not only at its end
+
+
+def test_batch_budget_is_small_for_cpu_sums_and_large_on_an_accelerator():
+    model = tiny_llama()
+    targets, _ = resolve_targets(model, LoraConfig(r=4, target_modules=LLAMA_TARGETS))
+    cpu = accumulate.GradientAccumulator(model, targets, torch.device("cpu"))
+    accelerator = accumulate.GradientAccumulator(model, targets, torch.device("meta"))  # any non-CPU device
+    assert cpu.batch_add_bytes == accumulate.CPU_BATCH_ADD_BYTES < accelerator.batch_add_bytes
+    assert accelerator.batch_add_bytes == accumulate.BATCH_ADD_BYTES
 
 
 # -- finite checks -------------------------------------------------------------------------------

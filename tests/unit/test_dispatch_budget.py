@@ -11,6 +11,7 @@ from peft import LoraConfig
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_bert_batches
+from gora import accumulate
 from gora.accumulate import GradientAccumulator
 from gora.targets import resolve_targets
 
@@ -53,7 +54,9 @@ def _ops_per_step(model, batch, with_accumulator: bool, steps: int = 2) -> int:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_add_per_layer_and_a_constant_per_step(tiny_bert, dtype):
+def test_one_add_per_layer_and_a_constant_per_step(tiny_bert, dtype, monkeypatch):
+    # count what a step on an accelerator issues: its batch budget for the adds, not the CPU's smaller one
+    monkeypatch.setattr(accumulate, "CPU_BATCH_ADD_BYTES", accumulate.BATCH_ADD_BYTES)
     model = tiny_bert.to(dtype)
     batch = make_bert_batches(1)[0]
     floor, layers = _ops_per_step(model, batch, with_accumulator=False)
