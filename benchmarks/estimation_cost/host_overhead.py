@@ -13,6 +13,11 @@ times in one process, alternated, round by round:
   added with one ``torch._foreach_add_``;
 - ``GoRA, accelerator budget``: the same with ``BATCH_ADD_BYTES``, the budget for sums on an accelerator.
 
+A second table shows the other side on the CPU: a held gradient leaves the cache before its add. On MiniLM's
+target shapes (37 layers, 0.6-2.4 MB fp32 gradients made by the same GEMM as backward's, 1024 tokens) one step's
+gradients are made and added at once, or held and added with ``torch._foreach_add_`` under a budget of 64 KiB
+(the CPU default), 16 MiB (the accelerator default) or all of them; ms per step more than adding at once.
+
     python benchmarks/estimation_cost/host_overhead.py --out benchmarks/results/cpu/host-overhead
 
 Reports µs per step and per layer over the floor (median over rounds, with the distribution-free 95 % interval
@@ -104,6 +109,67 @@ def measure(layers: int, width: int, batch: int, steps: int, rounds: int) -> dic
     return record
 
 
+MINILM_SHAPES = [(384, 384)] * 24 + [(1536, 384), (384, 1536)] * 6 + [(384, 384)]
+"""(out, in) of MiniLM's 37 target layers: q, k, v, attention output of 6 blocks, the two MLP layers, the pooler."""
+
+
+def measure_held(rounds: int, tokens: int = 1024) -> dict:
+    """ms per step that holding MiniLM-sized gradients for a batched add costs over adding each at once (CPU)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(tokens, i, generator=generator) for _, i in MINILM_SHAPES]
+    grad_outs = [torch.randn(tokens, o, generator=generator) for o, _ in MINILM_SHAPES]
+    sums = [torch.zeros(o, i) for o, i in MINILM_SHAPES]
+
+    def step(budget: int) -> float:
+        start = time.perf_counter()
+        held, held_bytes = ([], []), 0
+        for x, grad_out, total in zip(inputs, grad_outs, sums):
+            grad = grad_out.t() @ x  # the weight gradient, as backward makes it
+            if budget == 0:
+                total.add_(grad)
+                continue
+            held[0].append(total)
+            held[1].append(grad)
+            held_bytes += grad.numel() * grad.element_size()
+            if held_bytes >= budget:
+                torch._foreach_add_(*held)
+                held, held_bytes = ([], []), 0
+        if held[0]:
+            torch._foreach_add_(*held)
+        return time.perf_counter() - start
+
+    budgets = {"at_once": 0, "cpu_budget": accumulate.CPU_BATCH_ADD_BYTES, "accelerator_budget":
+               accumulate.BATCH_ADD_BYTES, "all_held": 1 << 62}
+    for budget in budgets.values():
+        step(budget)
+    seconds = {name: [] for name in budgets}
+    order = list(budgets)
+    for index in range(rounds):
+        for name in order if index % 2 == 0 else order[::-1]:
+            seconds[name].append(step(budgets[name]))
+    record = {"shapes": "minilm", "tokens": tokens, "rounds": rounds, "budgets": budgets, "seconds": seconds,
+              "at_once_ms_per_step": statistics.median(seconds["at_once"]) * 1e3}
+    for name in order[1:]:
+        extra = [(b - a) * 1e3 for a, b in zip(seconds["at_once"], seconds[name])]  # same round
+        record[f"{name}_extra_ms"] = statistics.median(extra)
+        record[f"{name}_extra_ms_interval"] = median_interval(extra)
+    return record
+
+
+def held_table(record: dict) -> str:
+    def cell(name: str) -> str:
+        interval = record[f"{name}_extra_ms_interval"]
+        spread = f" ({interval[0]:+.1f} to {interval[1]:+.1f})" if interval else ""
+        return f"{record[f'{name}_extra_ms']:+.1f}{spread}"
+
+    return markdown_table([
+        ("shapes, tokens", lambda r: f"MiniLM (37 layers), {r['tokens']}"),
+        ("make + add at once, ms/step", lambda r: f"{r['at_once_ms_per_step']:.1f}"),
+        ("held, CPU budget (64 KiB)", lambda r: cell("cpu_budget")),
+        ("held, accelerator budget (16 MiB)", lambda r: cell("accelerator_budget")),
+        ("all held to the end", lambda r: cell("all_held"))], [record])
+
+
 def _cell(record: dict, name: str) -> str:
     interval = record[f"{name}_us_per_layer_interval"]
     spread = f" ({interval[0]:.1f}–{interval[1]:.1f})" if interval else ""
@@ -130,14 +196,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--held-rounds", type=int, default=40, help="rounds of the held-gradients table (0: skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     records = [measure(int(n), args.width, args.batch, args.steps, args.rounds) for n in args.layers.split(",")]
+    held = measure_held(args.held_rounds) if args.held_rounds else None
     env = {**environment(), "torch_threads": args.threads}
     text = (f"## Host time per layer of the estimation loop (tiny MLP, CPU)\n\n{machine_line(env)}\n\n"
             f"Median over {args.rounds} alternated rounds; cells: µs per step, then µs per layer over the same "
             "round's floor (95 % interval).\n\n"
             f"{table(records)}\n")
+    if held is not None:
+        records.append(held)
+        text += (f"\n### Holding gradients for a batched add on the CPU (median over {args.held_rounds} alternated "
+                 "rounds: ms per step more than adding each gradient at once, 95 % interval)\n\n"
+                 f"{held_table(held)}\n")
     write_results(args.out, env, records, text)
 
 
