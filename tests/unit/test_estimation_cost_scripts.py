@@ -11,7 +11,7 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks" / "estimation_cost"
 
 @pytest.fixture(scope="module")
 def scripts():
-    names = ("env", "run", "models", "report", "dispatch", "host_add")
+    names = ("env", "run", "models", "report", "dispatch", "host_add", "host_overhead")
     sys.path.insert(0, str(SCRIPTS))  # the scripts import each other by name, as they do when run
     try:
         yield {name: importlib.import_module(name) for name in names}
@@ -124,3 +124,14 @@ def test_scale_table_and_plot_show_rounds_and_the_interval(scripts, tmp_path):
     assert gora_rows[1].endswith("| 1.000 | 1 | – |")  # one round: no interval
     path = scripts["report"].plot(tmp_path, records)  # one N only: no N panel, error bars where there are intervals
     assert path is not None and path.stat().st_size > 0
+
+
+def test_host_overhead_times_every_variant_and_restores_the_budget(scripts):
+    from gora import accumulate
+
+    budget = accumulate.CPU_BATCH_ADD_BYTES
+    record = scripts["host_overhead"].measure(layers=3, width=4, batch=2, steps=2, rounds=2)
+    assert accumulate.CPU_BATCH_ADD_BYTES == budget  # the benchmark's patch is undone
+    for name in ("floor", "drop_hook", "gora_per_hook", "gora_batched", "gora_accelerator_budget"):
+        assert len(record["seconds"][name]) == 2 and record[f"{name}_us_per_step"] > 0
+    assert record["floor_us_per_layer_over_floor"] == 0.0
