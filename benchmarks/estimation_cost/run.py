@@ -94,11 +94,16 @@ def plan(args: argparse.Namespace) -> list[dict]:
     base = {"device": args.device, "dtype": dtype, "threads": threads}
     t = d["time"]
     minilm_data = "rotten_tomatoes" if args.device == "cpu" else "random"
+    asked = args.methods.split(",") if args.methods else None  # each section keeps the asked methods it knows
+
+    def methods(known: list[str]) -> list[str]:
+        return [m for m in known if asked is None or m in asked]
+
     by_section: dict[str, list[dict]] = {}
     by_section["time"] = [{**base, "section": "time", "method": method, "size": t["size"], "steps": t["steps"],
                            "batch": t["batch"], "seq": t["seq"], "reps": args.time_reps or t["reps"],
                            "data": minilm_data}
-                          for method in d["time_methods"] if not args.methods or method in args.methods.split(",")]
+                          for method in methods(d["time_methods"])]
     by_section["throughput"] = []
     for size in d["throughput_sizes"]:
         llama = size != "minilm"
@@ -111,7 +116,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
                             "steps": d["ranks_steps"], "batch": 16, "seq": 64, "data": "rotten_tomatoes",
                             "sketch_dims": d["ranks_sketch_dims"], "dtype": "float32"}]
     sizes = args.sizes.split(",") if args.sizes else d["sizes"]
-    scale_methods = [m for m in args.methods.split(",") if m in d["scale_methods"]] if args.methods else d["scale_methods"]
+    scale_methods = methods(d["scale_methods"])
     steps, batch, seq, reps = (args.steps or d["steps"], args.batch or d["batch"], args.seq or d["seq"],
                                d["reps"] if args.reps is None else args.reps)
     by_section["scale"] = [{**base, "section": "scale", "method": method, "size": size, "steps": steps, "batch": batch,
