@@ -42,8 +42,8 @@ DEFAULTS = {
     "cuda": {"dtype": "bfloat16", "sizes": ["llama-3.2-1b", "llama-3.1-8b"],
              "scale_methods": ["lora", "gora", "gora_offload", "gora_sketch", "loraga", "official"],
              "time_methods": ["gora", "gora_sketch", "gora_ckpt", "gora_offload", "loraga", "official"],
-             "steps": 4, "batch": 2, "seq": 512, "reps": 1,
-             "time": {"size": "minilm", "steps": 32, "batch": 32, "seq": 128, "reps": 3},
+             "steps": 4, "batch": 2, "seq": 512, "reps": 6,
+             "time": {"size": "minilm", "steps": 32, "batch": 32, "seq": 128, "reps": 15},
              "n_sweep": [12], "n_sweep_size": "llama-3.2-1b", "n_sweep_methods": ["gora", "official"],
              "throughput_sizes": ["minilm", "llama-3.2-1b"], "timeout": 300, "threads": 0,
              "ranks_sketch_dims": [16, 32, 64], "sections": "time,throughput,scale,nsweep", "max_minutes": 7.5,
@@ -71,9 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="N for the scale section")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--seq", type=int)
-    parser.add_argument("--reps", type=int, help="[floor, method] rounds after the memory run (scale section)")
-    parser.add_argument("--time-reps", type=int, help="rounds of the time section, in alternating order (default 3; "
-                                                       "at least 6 for a 95 %% interval of the median ratio)")
+    parser.add_argument("--reps", type=int, help="[floor, method] rounds after the memory run (scale section; "
+                                                  "default 1 on CPU, 6 on CUDA)")
+    parser.add_argument("--time-reps", type=int, help="rounds of the time section, in alternating order (default 3 on "
+                                                       "CPU, 15 on CUDA; at least 6 for a 95 %% interval of the median "
+                                                       "ratio)")
     parser.add_argument("--dtype", help="float32, bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--timeout", type=int, help="seconds per configuration")
     parser.add_argument("--threads", type=int, help="torch threads per worker (0: torch's default; CPU default 1: "

@@ -86,6 +86,17 @@ def test_plan_time_section_all_methods_and_more_rounds(scripts):
     assert all(s["reps"] == 15 for s in specs)
 
 
+def test_plan_cuda_defaults_give_every_ratio_an_interval(scripts):
+    """On a GPU 3 rounds moved single ratios by a third: the CUDA defaults take enough rounds for a 95 % interval."""
+    run = scripts["run"]
+    specs = run.plan(run.parse_args(["--out", "x", "--device", "cuda", "--sections", "time,scale"]))
+    timed = [s for s in specs if s["method"] != "lora"]
+    assert timed and all(s["reps"] >= 6 for s in timed)
+    assert scripts["env"].median_interval(list(range(min(s["reps"] for s in timed)))) is not None
+    overridden = run.plan(run.parse_args(["--out", "x", "--device", "cuda", "--sections", "scale", "--reps", "2"]))
+    assert {s["reps"] for s in overridden} == {2}
+
+
 def test_median_interval_is_the_binomial_order_statistic_interval(scripts):
     interval = scripts["env"].median_interval
     assert interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # 5 draws: even (min, max) covers only 93.75 %
