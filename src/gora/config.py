@@ -87,6 +87,14 @@ class GoraConfig:
     """Free-form notes kept with the state (never read by gora)."""
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raises ``GoraConfigError`` / ``GoraConfigTypeError`` with what to pass instead.
+
+        Runs on construction and again when a config enters ``estimate_gora`` / ``get_gora_model``: the dataclass is
+        mutable, so ``config.gamma = -1`` after construction is caught before any work.
+        """
         self._check_int("num_steps", self.num_steps, minimum=1)
         # check None, not truthiness: min_rank = 0 is legal
         if self.min_rank is not None:
@@ -188,7 +196,7 @@ class GoraConfig:
 
 
 def check_gora_config(gora_config: Any) -> GoraConfig:
-    """``gora_config`` itself, or ``GoraConfig()`` for ``None``; anything else is refused."""
+    """``gora_config`` itself, re-validated, or ``GoraConfig()`` for ``None``; anything else is refused."""
     if gora_config is None:
         return GoraConfig()
     if not isinstance(gora_config, GoraConfig):
@@ -196,6 +204,7 @@ def check_gora_config(gora_config: Any) -> GoraConfig:
             f"gora_config must be a GoraConfig or None, got {type(gora_config).__name__}; "
             "build one with GoraConfig(...) (or GoraConfig.from_dict(d) for a dict)."
         )
+    gora_config.validate()  # fields may have been set after construction
     return gora_config
 
 

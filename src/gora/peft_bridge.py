@@ -27,6 +27,7 @@ from .atomic import atomic_directory
 from .config import check_lora_config
 from .errors import GoraStateError, GoraTargetError, GoraTypeError, GoraUnsupportedError
 from .initialization import b_from_c
+from .peft_compat import refuse_adapter_layers
 from .state import GoraState
 from .targets import _describe, unwrap_model
 from .versions import package_versions
@@ -122,13 +123,14 @@ def apply_gora(
         raise GoraTypeError(f"state must be a GoraState, got {type(state).__name__}; "
                             "load a saved one with GoraState.load(directory).")
     if isinstance(model, PeftModel):
-        raise GoraTargetError("model is already a PeftModel; pass the base model (peft_model.get_base_model() "
-                              "after unloading its adapters, or a freshly loaded model).")
+        raise GoraTargetError("model is already a PeftModel; pass a freshly loaded base model, or "
+                              "peft_model.unload() (the base model without its adapters).")
     if not state.adapted:
         raise GoraStateError("the state adapts no layer (every rank is 0); lower min_rank or check the targets.")
     if lora_config.use_dora:
         raise GoraUnsupportedError("GoRA initialises plain LoRA adapters; set use_dora=False.")
     base = unwrap_model(model)
+    refuse_adapter_layers(base)  # e.g. the base model of an earlier apply_gora: LoRA is inside it already
     check_state_fits(base, state)
     gamma = state.gamma if gamma is None else float(gamma)
     if not math.isfinite(gamma) or gamma < 0:
@@ -229,7 +231,8 @@ def export_adapter(
             if config.modules_to_save:
                 logger.warning("the adapter carries modules_to_save %s: vanilla PEFT needs them, vLLM rejects them.",
                                sorted(config.modules_to_save))
-            logger.info("portable adapter: serve with vLLM --max-lora-rank >= %d", max(r for r, _ in layers.values()))
+            logger.warning("portable adapter with ranks up to %d: vLLM refuses it unless served with "
+                           "--max-lora-rank >= %d", *[max(r for r, _ in layers.values())] * 2)
         _write_sidecar(saved / SIDECAR_FILE, layers, state, portable)
     return Path(path)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 from peft import LoraConfig
-from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
@@ -31,3 +31,20 @@ def is_target(config: LoraConfig, name: str) -> bool:
     """PEFT's own matching rule: exact name or dotted suffix, regex string, exclude_modules, layers_to_transform."""
     # PEFT returns a match, True, or a falsy value (None, False, an _ExcludedModule sentinel)
     return bool(check_target_module_exists(config, name))
+
+
+def refuse_adapter_layers(model: nn.Module) -> None:
+    """Refuse a model that already holds PEFT adapter layers (LoRA and the like).
+
+    ``get_peft_model`` (and so ``apply_gora``) inserts them into the base model in place, so a model wrapped once
+    cannot be estimated or wrapped again: its targets are now adapter layers, not linear ones.
+    """
+    injected = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    if injected:
+        name, module = injected[0]
+        raise GoraTargetError(
+            f"the model already holds {len(injected)} PEFT adapter layers (e.g. {name!r}, a "
+            f"{type(module).__module__}.{type(module).__name__}): get_peft_model and apply_gora insert them into the "
+            "base model in place. Pass a freshly loaded base model, or take them out first with "
+            "base = peft_model.unload() (merge_and_unload() keeps their effect in the weights)."
+        )

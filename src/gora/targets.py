@@ -14,7 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import GoraTargetError, GoraUnsupportedError
-from .peft_compat import expanded_lora_config, is_target
+from .peft_compat import expanded_lora_config, is_target, refuse_adapter_layers
 
 _QUANTISED_HINTS = ("4bit", "8bit", "Quant", "GPTQ", "AWQ", "HQQ", "FP8")
 
@@ -88,10 +88,12 @@ def resolve_targets(model: nn.Module, lora_config: LoraConfig) -> tuple[list[Tar
     """Target layers sorted by name, and ``{name: reason}`` for matched modules left out.
 
     Raises:
-        GoraTargetError: nothing matched (the message lists the linear layers that exist).
+        GoraTargetError: nothing matched (the message lists the linear layers that exist), or the model already
+            holds PEFT adapter layers.
         GoraUnsupportedError: a matched module is quantised or of an unknown type.
     """
     base = unwrap_model(model)
+    refuse_adapter_layers(base)
     config = expanded_lora_config(base, lora_config)
     tied = tied_weight_ids(base)
     targets: list[TargetLayer] = []

@@ -262,6 +262,22 @@ def test_apply_refuses_wrong_arguments_with_gora_errors(tiny_bert, bert_state, m
         apply_gora(model, lora_config, state)
 
 
+def test_a_model_that_already_holds_adapters_is_refused_and_unload_is_the_fix(tiny_bert, bert_state):
+    """get_peft_model injects LoRA into the base model in place: estimating or applying again on it must say so
+    (not "is a Linear, not a linear layer" or "matched no adaptable layer"), change nothing, and the advised
+    ``unload()`` must work."""
+    peft_model = apply_gora(tiny_bert, LoraConfig(**LORA), bert_state)
+    snapshot = ModelSnapshot(tiny_bert)
+    message = r"already holds 4 PEFT adapter layers .*query.*base = peft_model.unload\(\)"
+    with pytest.raises(GoraTargetError, match=message):
+        apply_gora(tiny_bert, LoraConfig(**LORA), bert_state)  # the same base model, a second time
+    with pytest.raises(GoraTargetError, match=message):
+        estimate_gora(peft_model, LoraConfig(**LORA), make_bert_batches(STEPS), _config())
+    snapshot.assert_unchanged()
+    base = peft_model.unload()
+    assert apply_gora(base, LoraConfig(**LORA), bert_state) is not None
+
+
 @pytest.mark.parametrize("gamma", [math.nan, -0.1, math.inf])
 def test_apply_refuses_a_gamma_override_that_is_not_a_finite_non_negative_number(tiny_bert, bert_state, gamma):
     snapshot = ModelSnapshot(tiny_bert)

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 import math
 
 import pytest
@@ -96,10 +97,13 @@ def test_merge_and_unload_matches_adapter_forward(gora_model):
     torch.testing.assert_close(_logits(merged, batch), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_portable_export_reloads_to_same_logits(gora_model, tmp_path):
+def test_portable_export_reloads_to_same_logits(gora_model, tmp_path, caplog):
     peft_model, state, base_weights = gora_model
     batch = make_bert_batches(1, seed=9)[0]
-    export_adapter(peft_model, tmp_path / "portable", portable=True)
+    with caplog.at_level(logging.WARNING, logger="gora"):
+        export_adapter(peft_model, tmp_path / "portable", portable=True)
+    r_max = max(state.ranks.values())
+    assert f"--max-lora-rank >= {r_max}" in caplog.text  # spec §5: warn, a default logging setup shows it
     config = json.loads((tmp_path / "portable" / "adapter_config.json").read_text())
     assert config["use_rslora"] is False
     assert config["r"] == max(state.ranks.values()) == config["lora_alpha"]

@@ -67,6 +67,15 @@ def test_invalid_config_value_is_refused_with_a_config_error(values, message):
     assert isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize("values, message", BAD_VALUES, ids=[str(v) for v, _ in BAD_VALUES])
+def test_a_field_set_after_construction_is_checked_when_the_config_is_used(values, message):
+    config = GoraConfig()
+    for name, value in values.items():
+        setattr(config, name, value)  # a mutable dataclass: no check runs here
+    with pytest.raises(GoraConfigError, match=message):
+        check_gora_config(config)  # what estimate_gora and get_gora_model call first
+
+
 @pytest.mark.parametrize("values, message", BAD_TYPES, ids=[str(v) for v, _ in BAD_TYPES])
 def test_config_value_of_wrong_type_is_both_a_config_and_a_type_error(values, message):
     with pytest.raises(GoraConfigTypeError, match=message) as info:
