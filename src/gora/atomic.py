@@ -7,10 +7,38 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from .errors import GoraStateError
+
+RANK_PLOT_FILE = "gora_ranks.png"
+DERIVED_FILES = frozenset({RANK_PLOT_FILE})
+"""Files gora writes into a saved directory from its content (``gora inspect``'s rank plot). A new save makes them
+stale, so replacing the directory may delete them."""
+
+
+def check_output_directory(path: str | os.PathLike, expected: Collection[str] | None) -> None:
+    """Refuse, before any work, an output that :func:`atomic_directory` would refuse after it.
+
+    ``expected``: the names a save of this kind writes; a directory holding only those (a previous save) and
+    :data:`DERIVED_FILES` may be replaced. ``None`` (the names are not known up front) skips that check and
+    leaves it to :func:`atomic_directory`.
+
+    Raises:
+        GoraStateError: ``path`` is a file, a directory with other content, or cannot be created.
+    """
+    final = Path(os.path.abspath(path))
+    if final.exists() and not final.is_dir():
+        raise GoraStateError(f"{final} exists and is a file, not a directory; save to another path or remove it.")
+    if final.is_dir() and expected is not None:
+        _refuse_foreign(final, [e.name for e in final.iterdir() if e.name not in expected])
+    ancestor = final.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise GoraStateError(f"cannot write {final}: {ancestor} is not a writable directory; "
+                             "choose an output path in a directory you can write to.")
 
 
 @contextlib.contextmanager
@@ -20,17 +48,23 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     An exception (or interrupt) inside the block leaves ``path`` exactly as it was and removes the
     temporary directory, so a half-written directory never appears under the final name. An existing
     ``path`` is replaced only if everything in it is rewritten by the new save (a previous save of the
-    same kind): a directory holding anything else, or a file, is refused rather than deleted.
+    same kind) or is one of :data:`DERIVED_FILES`: a directory holding anything else, or a file, is refused
+    rather than deleted.
 
     Raises:
-        GoraStateError: ``path`` is a file, or a directory holding entries the new save does not rewrite.
+        GoraStateError: ``path`` is a file, a directory holding entries the new save does not rewrite, or cannot
+            be written.
     """
     final = Path(os.path.abspath(path))
     if final.exists() and not final.is_dir():
         raise GoraStateError(f"{final} exists and is a file, not a directory; save to another path or remove it.")
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as error:  # read-only or missing permissions: nothing was written
+        raise GoraStateError(f"cannot write {final} ({error.strerror or error}); "
+                             "choose an output path in a directory you can write to.") from error
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -54,8 +88,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _check_replaceable(final: Path, new: Path) -> None:
-    """Refuse to replace a directory holding entries that the new version would not rewrite."""
-    foreign = sorted(entry.name for entry in final.iterdir() if not (new / entry.name).exists())
+    """Refuse to replace a directory holding entries that the new version would not rewrite (derived files aside)."""
+    _refuse_foreign(final, [entry.name for entry in final.iterdir() if not (new / entry.name).exists()])
+
+
+def _refuse_foreign(final: Path, names: list[str]) -> None:
+    foreign = sorted(name for name in names if name not in DERIVED_FILES)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
         raise GoraStateError(

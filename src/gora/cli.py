@@ -15,11 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .atomic import RANK_PLOT_FILE, atomic_directory, check_output_directory
 from .errors import GoraConfigError, GoraDataError, GoraError, GoraStateError, GoraUnsupportedError
 
 logger = logging.getLogger("gora.cli")
 PASSTHROUGH = ("bench", "demo")  # verbs whose options belong to gora.bench
 STATE_FILE, SIDECAR_FILE, ADAPTER_CONFIG = "gora_state.json", "gora_config.json", "adapter_config.json"
+STATE_FILES = (STATE_FILE, "gora_state.safetensors")  # what GoraState.save writes
 MODEL_CLASSES = {"seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
 PEFT_TO_TASK = {"SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm"}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -92,7 +94,8 @@ def _add_inspect(verbs) -> None:
                          description="Print the rank table and budget of a GoraState directory or of an adapter "
                                      "directory with a gora_config.json sidecar, and plot ranks per layer.")
     p.add_argument("path", help="a GoraState directory (gora init) or an adapter directory (gora export)")
-    p.add_argument("--plot", default=None, help="PNG to write (default: PATH/gora_ranks.png)")
+    p.add_argument("--plot", default=None, help=f"image to write; PNG unless the name ends in another format "
+                                                f"matplotlib writes, e.g. .pdf or .svg (default: PATH/{RANK_PLOT_FILE})")
     p.add_argument("--no-plot", action="store_true", help="print the table only")
     p.add_argument("--json", action="store_true", help="print ranks, importances and budget as JSON instead")
     p.set_defaults(run=cmd_inspect)
@@ -104,7 +107,8 @@ def _add_export(verbs) -> None:
                                      "MODEL and write an adapter or a merged model to --output.")
     p.add_argument("model", help="local base-model directory (the one the state was estimated on)")
     p.add_argument("source", help="a GoraState directory (gora init) or a PEFT adapter directory (after training)")
-    p.add_argument("-o", "--output", required=True, help="directory to write (replaced atomically for adapters)")
+    p.add_argument("-o", "--output", required=True, help="directory to write (replaced atomically; a directory "
+                                                           "holding anything else is refused)")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--portable", dest="form", action="store_const", const="portable",
                       help="adapter that vanilla PEFT and vLLM read alike: r = max rank, scaling folded into "
@@ -133,6 +137,10 @@ def cmd_init(args: argparse.Namespace) -> int:
         importance=args.importance, estimator=args.estimator, seed=args.seed, adaptive_steps=args.adaptive_steps,
         adaptive_gamma=args.adaptive_gamma)
     model_dir = _model_dir(args.model)
+    _check_max_length(model_dir, args.max_length)
+    _check_device(args.device)
+    _check_not_model(args.output, model_dir)
+    check_output_directory(args.output, STATE_FILES)  # refused now, not after minutes of estimation
     data = load_text_data(args.data, args.task)  # cheap checks first: the heavy imports come after
     lora = {"r": args.r, "lora_alpha": args.alpha, "target_modules": _targets(args.targets),
             "task_type": PEFT_TASK_TYPES[data.task]}
@@ -168,8 +176,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not args.no_plot:
         from .plotting import plot_ranks
 
-        target = Path(args.plot) if args.plot else path / "gora_ranks.png"
-        plot_ranks({n: r for n, r in info["ranks"].items() if r > 0}, target, title=f"GoRA ranks: {path.name}")
+        target = Path(args.plot) if args.plot else path / RANK_PLOT_FILE
+        try:
+            target = plot_ranks({n: r for n, r in info["ranks"].items() if r > 0}, target,
+                                title=f"GoRA ranks: {path.name}")
+        except OSError as error:
+            raise GoraStateError(f"cannot write the rank plot to {target} ({error.strerror or error}); pass "
+                                 "--plot PATH in a directory you can write to, or --no-plot.") from error
         print(f"wrote rank plot to {target}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
@@ -177,6 +190,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     source = Path(args.source)
     model_dir = _model_dir(args.model)
+    _check_not_model(args.output, model_dir)
+    if Path(args.output).resolve() == source.resolve():
+        raise GoraStateError(f"-o {args.output} is the source directory; write the export to another directory.")
+    check_output_directory(args.output, expected=None)  # a file or an unwritable place: refused before loading
     if (source / STATE_FILE).is_file():
         peft_model, state, task = _model_from_state(model_dir, source, args)
     elif (source / ADAPTER_CONFIG).is_file():
@@ -186,8 +203,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                              "(a PEFT adapter); pass one of those directories.")
     if args.form == "merged":
         merged = peft_model.merge_and_unload()
-        merged.save_pretrained(args.output)
-        _save_tokenizer(model_dir, args.output)
+        with atomic_directory(args.output) as tmp:  # a previous merged export is replaced; other content refused
+            merged.save_pretrained(str(tmp))
+            _save_tokenizer(model_dir, str(tmp))
         print(f"wrote merged {task} model to {args.output}")
         return 0
     from . import export_adapter
@@ -254,6 +272,38 @@ def _model_dir(path: str) -> Path:
     return model_dir
 
 
+def _check_not_model(output: str, model_dir: Path) -> None:
+    if Path(output).resolve() == model_dir.resolve():
+        raise GoraStateError(f"-o {output} is the base model's directory; write to another directory.")
+
+
+def _check_max_length(model_dir: Path, max_length: int) -> None:
+    """Refuse --max-length beyond a learned position table (BERT, GPT-2): else a tensor-size error deep inside."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise GoraDataError(f"{model_dir / 'config.json'} cannot be read ({error}).") from error
+    if any(key.startswith("rope") for key in config):
+        return  # rotary positions: no table to run past
+    positions = config.get("max_position_embeddings", config.get("n_positions"))
+    if isinstance(positions, int) and max_length > positions:
+        raise GoraConfigError(f"--max-length {max_length} exceeds the {positions} positions of the model in "
+                              f"{model_dir}; pass --max-length {positions} or less.")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise GoraConfigError(f"--device {device!r} is not a device; pass cpu, cuda, cuda:1, ... or auto.") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GoraConfigError(f"--device {device} was asked for, but no CUDA device is visible; use --device cpu.")
+
+
 def _load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
@@ -271,10 +321,9 @@ def _load_model(model_dir: Path, task: str, label_names: list[str], dtype: str, 
     import torch
     import transformers
 
+    _check_device(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GoraConfigError(f"--device {device} was asked for, but no CUDA device is visible; use --device cpu.")
     model_class = getattr(transformers, MODEL_CLASSES[task])
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if task == "seq-cls":
@@ -318,8 +367,33 @@ def _model_from_adapter(model_dir: Path, source: Path, args: argparse.Namespace)
 
     adapter = json.loads((source / ADAPTER_CONFIG).read_text())
     task = args.task if args.task != "auto" else PEFT_TO_TASK.get(adapter.get("task_type"), "causal-lm")
-    model = _load_model(model_dir, task, [str(i) for i in range(args.num_labels or 2)], args.dtype, "cpu", 0)
-    return PeftModel.from_pretrained(model, str(source)), None, task
+    labels = args.num_labels or (_saved_head_classes(source, adapter) if task == "seq-cls" else None) or 2
+    model = _load_model(model_dir, task, [str(i) for i in range(labels)], args.dtype, "cpu", 0)
+    try:
+        return PeftModel.from_pretrained(model, str(source)), None, task
+    except RuntimeError as error:  # torch's load_state_dict: "size mismatch for ..."
+        if "size mismatch" not in str(error):
+            raise
+        raise GoraStateError(
+            f"the adapter in {source} does not fit the model in {model_dir}: {str(error).strip().splitlines()[-1]} "
+            f"Pass the base model it was trained on{' and --num-labels N for its head' if task == 'seq-cls' else ''}."
+        ) from error
+
+
+def _saved_head_classes(source: Path, adapter: dict[str, Any]) -> int | None:
+    """Classes of the classification head saved with the adapter (its ``modules_to_save``), or ``None``."""
+    from safetensors import safe_open
+
+    weights = source / "adapter_model.safetensors"
+    heads = tuple(f"{name}{part}.weight" for name in adapter.get("modules_to_save") or () for part in ("", ".out_proj"))
+    if not heads or not weights.is_file():
+        return None
+    with safe_open(str(weights), "pt") as handle:
+        for key in handle.keys():
+            shape = handle.get_slice(key).get_shape()
+            if key.endswith(heads) and len(shape) == 2:
+                return int(shape[0])
+    return None
 
 
 def _save_tokenizer(model_dir: Path, output: str) -> None:

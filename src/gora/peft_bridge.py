@@ -22,12 +22,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .atomic import atomic_directory
 from .config import check_lora_config
 from .errors import GoraStateError, GoraTargetError, GoraTypeError, GoraUnsupportedError
 from .initialization import b_from_c
-from .peft_compat import refuse_adapter_layers
+from .peft_compat import expanded_lora_config, is_target, refuse_adapter_layers
 from .state import GoraState
 from .targets import _describe, unwrap_model
 from .versions import package_versions
@@ -138,6 +139,7 @@ def apply_gora(
     if lora_config.r != state.reference_rank:
         logger.warning("LoraConfig.r=%d differs from the state's reference rank %d; the state's ranks are used.",
                        lora_config.r, state.reference_rank)
+    _warn_other_targets(base, lora_config, state)
     alpha = float(lora_config.lora_alpha)
     weights = {n: (state.A[n], b_from_c(state.C[n], gamma, state.shapes[n][1], alpha)) for n in state.adapted}
     config = native_lora_config(lora_config, state, base)
@@ -150,6 +152,21 @@ def apply_gora(
         raise
     _STATES[peft_model] = state
     return peft_model
+
+
+def _warn_other_targets(base: nn.Module, lora_config: LoraConfig, state: GoraState) -> None:
+    """The state's layers are adapted whatever ``target_modules`` says: say so when the two disagree."""
+    config = expanded_lora_config(base, lora_config)
+    unmatched = [name for name in state.adapted if not is_target(config, name)]
+    unknown = [name for name, module in base.named_modules()
+               if name and isinstance(module, (nn.Linear, Conv1D)) and is_target(config, name)
+               and name not in state.ranks and name not in state.skipped]
+    if unmatched or unknown:
+        example = (unmatched or unknown)[0]
+        logger.warning("LoraConfig.target_modules=%r differs from the state's targets (%d adapted layers it does not "
+                       "match, %d matched layers the state never estimated; e.g. %r): the state's %d layers are "
+                       "adapted, as estimated. Estimate again to adapt other layers.", lora_config.target_modules,
+                       len(unmatched), len(unknown), example, len(state.adapted))
 
 
 def _snapshot(model: nn.Module):

@@ -59,7 +59,10 @@ def _model_order(name: str) -> tuple:
 
 
 def plot_ranks(ranks: dict[str, int], path: str | Path, title: str = "GoRA ranks") -> Path:
-    """Write a heatmap PNG of the rank grid (numbers in the cells; blank where a layer has no such module).
+    """Write a heatmap of the rank grid (numbers in the cells; blank where a layer has no such module).
+
+    The format follows the suffix (``.png``, ``.pdf``, ``.svg``, ...); a path without one gets ``.png``. Returns
+    the path written.
 
     Raises:
         GoraUnsupportedError: matplotlib is not installed.
@@ -90,6 +93,8 @@ def plot_ranks(ranks: dict[str, int], path: str | Path, title: str = "GoRA ranks
     figure.colorbar(image, ax=axes, label="rank")
     axes.set_title(title, fontsize=10)
     path = Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".png")  # as matplotlib would: say the name it really writes
     figure.savefig(path, dpi=110)
     return path
 

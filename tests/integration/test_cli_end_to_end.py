@@ -152,14 +152,15 @@ def test_init_on_a_plain_text_file_estimates_a_causal_lm_and_exports_natively(fi
     assert ranks == {n: r for n, r in state.ranks.items() if r > 0}
 
 
-def test_export_merges_an_adapter_directory_with_its_saved_head(files, tmp_path):
+@pytest.mark.parametrize("labels", [["--num-labels", "3"], []], ids=["given", "read from the saved head"])
+def test_export_merges_an_adapter_directory_with_its_saved_head(files, tmp_path, labels):
     from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification
 
     state = GoraState.load(files / "state")
     assert main(["export", str(files / "bert"), str(files / "state"), "-o", str(tmp_path / "native"), "--native"]) == 0
     assert main(["export", str(files / "bert"), str(tmp_path / "native"), "-o", str(tmp_path / "merged"),
-                 "--merged", "--num-labels", "3"]) == 0
+                 "--merged", *labels]) == 0
     merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=state.adapted, task_type="SEQ_CLS")
     with torch.no_grad():
@@ -175,3 +176,86 @@ def test_console_script_inspects_a_state(files):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "budget" in result.stdout
+
+
+# -- outputs and bad input: refused up front with exit 2, nothing written or changed ---------------------------
+def _tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_merged_export_never_overwrites_the_model_a_file_or_another_directory(files, tmp_path, capsys):
+    export = ["export", str(files / "bert"), str(files / "state")]
+    (tmp_path / "afile").write_text("keep")
+    assert main([*export, "-o", str(files / "state"), "--portable"]) == 2  # the source itself
+    assert main([*export, "-o", str(tmp_path / "adapter"), "--native"]) == 0
+    model, adapter = _tree(files / "bert"), _tree(tmp_path / "adapter")
+    for output in (files / "bert", tmp_path / "afile", tmp_path / "adapter"):
+        assert main([*export, "-o", str(output), "--merged"]) == 2
+    errors = capsys.readouterr().err
+    assert "is the base model's directory" in errors and "is a file" in errors
+    assert "refusing to replace" in errors and "adapter_config.json" in errors
+    assert _tree(files / "bert") == model and _tree(tmp_path / "adapter") == adapter
+    assert (tmp_path / "afile").read_text() == "keep"
+    assert main([*export, "-o", str(tmp_path / "merged"), "--merged"]) == 0
+    assert main([*export, "-o", str(tmp_path / "merged"), "--merged", "--gamma", "0.5"]) == 0  # replaces its own
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def test_inspect_then_init_or_export_again_replaces_the_directory_and_its_stale_plot(files, tmp_path):
+    state_dir, adapter = tmp_path / "state", tmp_path / "adapter"
+    assert main(["init", str(files / "bert"), str(files / "reviews.csv"), "-o", str(state_dir), *INIT_OPTIONS]) == 0
+    assert main(["export", str(files / "bert"), str(state_dir), "-o", str(adapter)]) == 0
+    for directory in (state_dir, adapter):
+        assert main(["inspect", str(directory)]) == 0
+        assert (directory / "gora_ranks.png").is_file()  # the default plot goes inside
+    assert main(["init", str(files / "bert"), str(files / "reviews.csv"), "-o", str(state_dir), *INIT_OPTIONS]) == 0
+    assert main(["export", str(files / "bert"), str(state_dir), "-o", str(adapter)]) == 0
+    assert not (state_dir / "gora_ranks.png").exists() and not (adapter / "gora_ranks.png").exists()  # stale: gone
+
+
+@pytest.mark.parametrize("output, options, message", [
+    ("afile", [], "exists and is a file"),
+    ("busy", [], "refusing to replace .* notes.txt"),
+    ("state", ["--max-length", "65"], "--max-length 65 exceeds the 64 positions .* pass --max-length 64 or less"),
+    ("state", ["--device", "gpu0"], "--device 'gpu0' is not a device"),
+], ids=["output is a file", "output holds other files", "too long", "unknown device"])
+def test_init_refuses_bad_options_before_loading_or_estimating(files, tmp_path, monkeypatch, capsys, output, options,
+                                                               message):
+    import re
+
+    import gora
+
+    (tmp_path / "afile").write_text("keep")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep")
+
+    def never(*args, **kwargs):
+        raise AssertionError("estimation ran before the bad option was refused")
+
+    monkeypatch.setattr(gora, "estimate_gora", never)
+    before = _tree(tmp_path)
+    status = main(["init", str(files / "bert"), str(files / "reviews.csv"), "-o", str(tmp_path / output),
+                   *INIT_OPTIONS, *options])
+    assert status == 2 and re.search(message, capsys.readouterr().err)
+    assert _tree(tmp_path) == before and not (tmp_path / "state").exists()
+
+
+def test_inspect_names_the_plot_it_writes_and_refuses_an_unwritable_place(files, tmp_path, capsys):
+    assert main(["inspect", str(files / "state"), "--plot", str(tmp_path / "ranks")]) == 0
+    assert f"wrote rank plot to {tmp_path / 'ranks.png'}" in capsys.readouterr().out
+    assert (tmp_path / "ranks.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["inspect", str(files / "state"), "--plot", str(tmp_path / "no" / "such" / "r.png")]) == 2
+    assert "cannot write the rank plot" in capsys.readouterr().err
+
+
+def test_export_of_an_adapter_onto_another_base_model_says_which_model_to_pass(files, tmp_path, capsys):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    wider = tmp_path / "bert48"
+    BertForSequenceClassification(BertConfig(vocab_size=len(VOCAB), hidden_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=64,
+                                             max_position_embeddings=64)).save_pretrained(wider)
+    _tokenizer().save_pretrained(wider)
+    assert main(["export", str(files / "bert"), str(files / "state"), "-o", str(tmp_path / "native"), "--native"]) == 0
+    assert main(["export", str(wider), str(tmp_path / "native"), "-o", str(tmp_path / "merged"), "--merged"]) == 2
+    assert "does not fit the model" in capsys.readouterr().err and not (tmp_path / "merged").exists()

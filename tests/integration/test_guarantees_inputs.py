@@ -3,6 +3,7 @@ before work is wasted where the problem can be seen up front; never a stray Inde
 StopIteration, AttributeError or ZeroDivisionError from deep inside."""
 
 import copy
+import logging
 import math
 
 import pytest
@@ -276,6 +277,16 @@ def test_a_model_that_already_holds_adapters_is_refused_and_unload_is_the_fix(ti
     snapshot.assert_unchanged()
     base = peft_model.unload()
     assert apply_gora(base, LoraConfig(**LORA), bert_state) is not None
+
+
+@pytest.mark.parametrize("targets, warned", [(["query", "value"], False), (["key"], True),
+                                              (["query", "value", "key"], True), (["value"], True)])
+def test_apply_warns_when_target_modules_differ_from_the_states_layers(tiny_bert, bert_state, caplog, targets, warned):
+    with caplog.at_level(logging.WARNING, logger="gora"):
+        peft_model = apply_gora(tiny_bert, LoraConfig(**{**LORA, "target_modules": targets}), bert_state)
+    assert ("differs from the state's targets" in caplog.text) == warned
+    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == set(bert_state.adapted)  # the state decides, whatever the warning
 
 
 @pytest.mark.parametrize("gamma", [math.nan, -0.1, math.inf])
