@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import GoraDataError
+
+logger = logging.getLogger(__name__)
 
 TASKS = ("seq-cls", "causal-lm")
 PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
@@ -36,25 +39,62 @@ class TextData:
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``.csv``/``.tsv``, ``.jsonl``/``.json`` or plain-text file (one ``{"text": line}`` per line)."""
-    path = Path(path)
+    """Rows of a ``.csv``/``.tsv``, ``.jsonl``/``.json`` or plain-text file (one ``{"text": line}`` per line).
+
+    Every row must have a ``text``. The file must be UTF-8 (a byte-order mark is accepted).
+    """
+    return [record for _, record in _numbered_records(Path(path))]
+
+
+def _numbered_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` per example, each checked for a ``text``; line numbers are the file's."""
     if not path.is_file():
         raise GoraDataError(f"data file {path} does not exist; pass a CSV or JSONL file with a 'text' column "
                             "(and 'label' for classification), or a plain text file for a causal LM.")
-    suffix = path.suffix.lower()
-    with path.open(encoding="utf-8", newline="") as handle:
-        if suffix in (".csv", ".tsv"):
-            records = [dict(row) for row in csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")]
-        elif suffix in (".jsonl", ".json"):
-            records = [_json_line(line, path, number) for number, line in enumerate(handle, 1) if line.strip()]
-        else:
-            records = [{"text": line.rstrip("\n")} for line in handle if line.strip()]
-    if not records:
+    try:
+        numbered = _parse(path)
+    except UnicodeDecodeError as error:
+        raise GoraDataError(f"data file {path} is not UTF-8 text ({error.encoding}: {error.reason}); "
+                            "save it as UTF-8 (in a spreadsheet: 'CSV UTF-8') and retry.") from None
+    if not numbered:
         raise GoraDataError(f"data file {path} holds no examples.")
-    if "text" not in records[0]:
-        raise GoraDataError(f"data file {path} has columns {sorted(records[0])} but no 'text'; "
+    first = numbered[0][1]
+    if "text" not in first:
+        raise GoraDataError(f"data file {path} has columns {_columns(first)} but no 'text'; "
                             "name the input column 'text' (and 'text_pair', 'label' where they exist).")
-    return records
+    for number, record in numbered:
+        _check_present(record, "text", path, number)
+    return numbered
+
+
+def _parse(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    suffix = path.suffix.lower()
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        if suffix in (".csv", ".tsv"):
+            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+            return [(reader.line_num, dict(row)) for row in reader]  # line_num: the line the row ends on
+        if suffix in (".jsonl", ".json"):
+            return [(number, _json_line(line, path, number)) for number, line in enumerate(handle, 1) if line.strip()]
+        return [(number, {"text": line.rstrip("\n")}) for number, line in enumerate(handle, 1) if line.strip()]
+
+
+def _columns(record: dict[str, Any]) -> list[str]:
+    """Column names for a message (a CSV row longer than its header has an extra ``None`` key)."""
+    return sorted(str(key) for key in record)
+
+
+def _check_present(record: dict[str, Any], key: str, path: Path, number: int) -> None:
+    """Refuse a row whose ``key`` is absent, null, or (``label``) a blank cell, naming the file and line."""
+    value = record.get(key)
+    if key not in record:
+        problem = f"has no {key!r} (it has {_columns(record)})"
+    elif value is None:
+        problem = f"has no {key!r} value"
+    elif key == "label" and isinstance(value, str) and not value.strip():
+        problem = f"has an empty {key!r}"
+    else:
+        return
+    raise GoraDataError(f"{path} line {number} {problem}; fill in its {key!r} or drop the row.")
 
 
 def _json_line(line: str, path: Path, number: int) -> dict[str, Any]:
@@ -68,17 +108,40 @@ def _json_line(line: str, path: Path, number: int) -> dict[str, Any]:
 
 
 def load_text_data(path: str | Path, task: str = "auto") -> TextData:
-    """Read ``path`` and decide the task: ``seq-cls`` when a ``label`` column exists, else ``causal-lm``."""
-    records = read_records(path)
+    """Read ``path`` and decide the task: ``seq-cls`` when a ``label`` column exists, else ``causal-lm``.
+
+    The task ``auto`` picks is logged with its reason; a ``labels`` column (the Hugging Face name) without
+    ``label`` is warned about, since it makes the file causal-lm text. Classification needs a label on every row.
+    """
+    path = Path(path)
+    numbered = _numbered_records(path)
+    records = [record for _, record in numbered]
     if task == "auto":
-        task = "seq-cls" if "label" in records[0] else "causal-lm"
+        task = _auto_task(records, path)
     if task not in TASKS:
         raise GoraDataError(f"task {task!r} is not known; choose auto, {', '.join(TASKS)}.")
     if task == "causal-lm":
         return TextData(records, task, [])
-    if "label" not in records[0]:
-        raise GoraDataError(f"task seq-cls needs a 'label' column in {path}; it has {sorted(records[0])}.")
+    if not any("label" in record for record in records):
+        hint = " (rename its 'labels' column to 'label')" if any("labels" in r for r in records) else ""
+        raise GoraDataError(f"task seq-cls needs a 'label' column in {path}{hint}; it has {_columns(records[0])}.")
+    for number, record in numbered:
+        _check_present(record, "label", path, number)
     return TextData(records, task, label_names(records))
+
+
+def _auto_task(records: list[dict[str, Any]], path: Path) -> str:
+    """``seq-cls`` when any record has a ``label``, else ``causal-lm``; the choice and its reason are logged."""
+    if any("label" in record for record in records):
+        logger.info("data file %s has a 'label' column: task seq-cls (sequence classification)", path)
+        return "seq-cls"
+    if any("labels" in record for record in records):
+        logger.warning("data file %s has a 'labels' column but no 'label': it is read as causal-lm text and the "
+                       "'labels' are ignored; rename the column to 'label' for classification, or pass the task "
+                       "explicitly (gora init --task causal-lm) to keep causal-lm.", path)
+    else:
+        logger.info("data file %s has no 'label' column: task causal-lm (next-token loss)", path)
+    return "causal-lm"
 
 
 def label_names(records: list[dict[str, Any]]) -> list[str]:

@@ -26,7 +26,7 @@ import torch
 from transformers import TrainerCallback, default_data_collator
 
 from . import distributed
-from .errors import GoraConfigError, GoraDataError
+from .errors import GoraConfigError, GoraDataError, GoraTypeError
 from .state import GoraState
 
 logger = logging.getLogger(__name__)
@@ -55,17 +55,21 @@ def estimation_batches(
         batch_size: examples per batch (per process under torch.distributed).
         num_steps: batches to build; pass ``GoraConfig.num_steps`` (plus ``gamma_batches`` for adaptive γ).
         seed: seed of the shuffle; a dataset smaller than ``batch_size * num_steps`` is reshuffled and reused.
-        columns: keys to keep from each example (like the Trainer's ``remove_unused_columns``);
-            ``None`` keeps all.
+        columns: keys to keep from each (dict) example (like the Trainer's ``remove_unused_columns``);
+            ``None`` keeps all. Every name must be a key of every example drawn.
         shard: give each torch.distributed process its own batches; ``False``: the same batches everywhere.
 
     Raises:
-        GoraDataError: the dataset is empty or not indexable.
+        GoraDataError: the dataset is empty or not indexable, or ``columns`` names a key an example lacks.
+        GoraTypeError: ``columns`` is a single string rather than a collection of names.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise GoraConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise GoraConfigError(f"num_steps must be a positive integer, got {num_steps!r}.")
+    if isinstance(columns, str):
+        raise GoraTypeError(f"columns must be a collection of column names, got the string {columns!r}; "
+                            f"pass a list, e.g. columns=[{columns!r}].")
     try:
         size = len(dataset)
     except TypeError as error:
@@ -81,7 +85,7 @@ def estimation_batches(
     order = _shuffled_indices(size, batch_size * num_steps * world, seed)
     batches = []
     for step in range(rank, num_steps * world, world):
-        examples = [_select(dataset[i], columns) for i in order[step * batch_size:(step + 1) * batch_size]]
+        examples = [_select(dataset[i], columns, i) for i in order[step * batch_size:(step + 1) * batch_size]]
         batches.append(collate(examples))
     return batches
 
@@ -95,9 +99,17 @@ def _shuffled_indices(size: int, count: int, seed: int) -> list[int]:
     return order[:count]
 
 
-def _select(example: Any, columns: Collection[str] | None) -> Any:
-    if columns is None or not isinstance(example, Mapping):
+def _select(example: Any, columns: Collection[str] | None, index: int) -> Any:
+    """The ``columns`` of ``example`` (dataset row ``index``); a name the example lacks is refused, not dropped."""
+    if columns is None:
         return example
+    if not isinstance(example, Mapping):
+        raise GoraDataError(f"columns= selects keys of dict examples, but dataset[{index}] is a "
+                            f"{type(example).__name__}; pass columns=None for such a dataset.")
+    unknown = sorted((name for name in columns if name not in example), key=str)
+    if unknown:
+        raise GoraDataError(f"columns {unknown} are not in dataset[{index}], which has {list(example)}; "
+                            "pass only names from those (or columns=None to keep every column).")
     return {key: value for key, value in example.items() if key in columns}
 
 
@@ -112,6 +124,7 @@ class GoraLoggingCallback(TrainerCallback):
     """
 
     def __init__(self, state: GoraState) -> None:
+        _check_state(state)
         self.gora_state = state
         self._reported = False
 
@@ -143,10 +156,28 @@ class GoraLoggingCallback(TrainerCallback):
 
 
 def add_gora_logging(trainer: Any, state: GoraState) -> GoraLoggingCallback:
-    """Insert a :class:`GoraLoggingCallback` ahead of the Trainer's reporters, and return it."""
+    """Insert a :class:`GoraLoggingCallback` ahead of the Trainer's reporters, and return it.
+
+    Raises:
+        GoraTypeError: ``state`` is not a GoraState (``None`` included), or ``trainer`` is not a Trainer;
+            the trainer is left unchanged.
+    """
     callback = GoraLoggingCallback(state)
-    trainer.callback_handler.callbacks.insert(0, callback)
+    handler = getattr(trainer, "callback_handler", None)
+    if not isinstance(getattr(handler, "callbacks", None), list):
+        raise GoraTypeError(f"add_gora_logging needs a transformers.Trainer (or a subclass such as TRL's "
+                            f"SFTTrainer), got {type(trainer).__name__}.")
+    handler.callbacks.insert(0, callback)
     return callback
+
+
+def _check_state(state: Any) -> None:
+    """Refuse anything but a GoraState up front, rather than an AttributeError once training starts."""
+    if not isinstance(state, GoraState):
+        got = "None" if state is None else f"a {type(state).__name__}"
+        raise GoraTypeError(f"GoRA logging needs a GoraState, got {got}; pass the state returned by "
+                            "estimate_gora, or GoraState.load(directory) for a saved one (state_of(model) is None "
+                            "for a model not built by apply_gora in this process).")
 
 
 __all__ = ["estimation_batches", "GoraLoggingCallback", "add_gora_logging"]
