@@ -59,3 +59,52 @@ def test_folder_readme_states_command_versions_and_settings_and_keeps_notes(tmp_
     path.write_text("hand-written notes")
     write_folder_readme(tmp_path, ["grid"])
     assert path.read_text() == "hand-written notes"
+
+
+# ---------------------------------------------------------------- refusals: a message and exit 2, nothing written
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--methods", "lora", "--tasks", "nosuchtask"],
+     r"Unknown task\(s\) \['nosuchtask'\].*built-in tasks: rotten_tomatoes, vitaminc, multiemo, epistemic"),
+    (["--methods", "lorra"],
+     r"Unknown method\(s\) \['lorra'\] in --methods \(did you mean 'lora'\?\); known methods: full, lora"),
+    (["--methods", "lora", "--lr", "lorra=1e-3"], r"Unknown method\(s\) \['lorra'\] in the learning-rate grid"),
+    (["--methods", "lora", "--ranks", "0"], r"ranks must be .*\(--ranks\)"),
+    (["--methods", "gora", "--gora-min-rank", "40"], r"GoRA settings .* rank range is \[40, 32\]"),
+    (["--methods", "lora", "--batch-size", "0"], r"--batch-size"),
+    (["--methods", "lora", "--max-train", "0"], r"--max-train"),
+])
+def test_bench_grid_refusal_is_a_gora_error_and_writes_nothing(tmp_path, options, message):
+    from gora.bench.cli import main
+    from gora.errors import GoraConfigError
+
+    out = tmp_path / "g3"
+    with pytest.raises(GoraConfigError, match=message):
+        main(["grid", *options, "--out-dir", str(out), "--no-progress", "--no-report"])
+    assert not out.exists()
+
+
+def test_gora_bench_grid_with_unknown_task_exits_2_with_the_message(tmp_path, capsys):
+    from gora.cli import main
+
+    out = tmp_path / "g3"
+    code = main(["bench", "grid", "--methods", "lora", "--tasks", "nosuchtask", "--out-dir", str(out),
+                 "--no-progress", "--no-report"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "gora: error: Unknown task(s) ['nosuchtask']" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_python_m_gora_bench_turns_refusals_into_exit_2(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    out = tmp_path / "g4"
+    monkeypatch.setattr(sys, "argv", ["gora.bench", "grid", "--methods", "lorra", "--out-dir", str(out),
+                                      "--no-progress", "--no-report"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("gora.bench", run_name="__main__", alter_sys=False)
+    assert exit_info.value.code == 2
+    assert "python -m gora.bench: error: Unknown method(s) ['lorra']" in capsys.readouterr().err
+    assert not out.exists()

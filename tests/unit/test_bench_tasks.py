@@ -176,3 +176,38 @@ def test_unknown_bigbench_task_names_the_member(tmp_path, monkeypatch):
     monkeypatch.setattr(bigbench, "_MEMORY_CACHE", {})
     with pytest.raises(KeyError, match="benchmark_tasks/nope/task.json"):
         bigbench.load_bigbench_examples("nope")
+
+
+def test_task_source_check_reads_nothing_and_says_what_is_missing(tmp_path, monkeypatch):
+    from gora.bench.tasks import check_task_source
+    from gora.errors import GoraConfigError, GoraDataError
+
+    with pytest.raises(GoraDataError, match=r"multiemo.csv.gz not found.*export-assets"):
+        check_task_source("multiemo", data_dir=tmp_path)
+    _pool(10).to_csv(tmp_path / "multiemo.csv.gz", index=False)
+    check_task_source("multiemo", data_dir=tmp_path)
+    monkeypatch.delenv("GORA_DATA_DIR", raising=False)
+    monkeypatch.setenv("GORA_BIGBENCH_SDIST", str(tmp_path / "absent.tar.gz"))
+    with pytest.raises(GoraDataError, match="Task 'epistemic' reads the BIG-bench sdist.*pip download"):
+        check_task_source("epistemic")
+    with pytest.raises(GoraConfigError, match="Unknown task 'sst2'"):
+        check_task_source("sst2")
+
+
+def test_data_config_refuses_bad_sizes_and_checks_user_task_files(tmp_path):
+    from gora.bench.runner import DataConfig
+    from gora.errors import GoraConfigError, GoraDataError
+
+    with pytest.raises(GoraConfigError, match=r"max_train must be an integer >= 1 or None \(--max-train\)"):
+        DataConfig(max_train=0)
+    with pytest.raises(GoraConfigError, match=r"split_seed must be an integer >= 0"):
+        DataConfig(split_seed=-1)
+    train = _write_csv(tmp_path / "train.csv", [{"text": "a", "label": "x"}])
+    config = DataConfig(user_tasks={"mine": (str(train), str(tmp_path / "test.csv")),
+                                    "odd": (str(train), str(tmp_path / "test.parquet"))})
+    with pytest.raises(GoraDataError, match=r"User task 'mine': test file .*test.csv not found"):
+        config.check(["mine"])
+    with pytest.raises(GoraConfigError, match=r"User task 'odd': test file .* is not .csv or .jsonl"):
+        config.check(["odd"])
+    with pytest.raises(GoraConfigError, match=r"Unknown task\(s\) \['other'\].*user tasks: mine, odd"):
+        config.check(["other"])

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gora.errors import GoraConfigError
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -67,11 +69,12 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}.")
+            raise GoraConfigError(f"r must be >= 1 (--ranks), got {self.r}.")
         if self.total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}.")
+            raise GoraConfigError(f"total_steps must be >= 1, got {self.total_steps}.")
         if self.init_steps < 1 or self.eva_steps < 1:
-            raise ValueError(f"init_steps and eva_steps must be >= 1, got {self.init_steps}, {self.eva_steps}.")
+            raise GoraConfigError(f"init_steps and eva_steps must be >= 1 (--gora-steps, --eva-steps), "
+                                  f"got {self.init_steps}, {self.eva_steps}.")
 
 
 @dataclass

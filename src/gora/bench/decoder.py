@@ -58,6 +58,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gora.bench.records import Record, append_record, cell_key, load_records
+from gora.errors import GoraConfigError
 from gora.bench.train import optimise, peak_memory_bytes, reset_peak_memory, resolve_device, shuffled_batches
 
 logger = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ class DecoderConfig:
         for name in ("steps", "batch_size", "max_length", "train_size", "test_size", "gora_steps", "r",
                      "max_new_tokens", "eval_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+                raise GoraConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
 
     def settings(self) -> dict:
         """What makes results comparable (not lrs, methods or seeds, which each record carries)."""
@@ -508,7 +509,7 @@ def check_settings(out_dir: Path, settings: dict) -> None:
 
     path = out_dir / CONFIG_FILE
     if path.is_file() and not any(k.startswith("decoder.") for k in json.loads(path.read_text(encoding="utf-8"))):
-        raise ValueError(f"{out_dir} holds a MiniLM grid, not a decoder run; use another --out-dir.")
+        raise GoraConfigError(f"{out_dir} holds a MiniLM grid, not a decoder run; use another --out-dir.")
     check(out_dir, settings)
 
 
@@ -557,10 +558,10 @@ def run_decoder(
     """Run every (method, seed) cell not yet in ``out_dir/results.json``; write the table; return all records."""
     unknown = sorted(set(methods) - set(DECODER_METHODS))
     if unknown or not methods or not seeds:
-        raise ValueError(f"Need methods from {DECODER_METHODS} (unknown: {unknown}) and seeds.")
+        raise GoraConfigError(f"Need methods from {DECODER_METHODS} (unknown: {unknown}) and seeds.")
     missing_lr = [m for m in methods if m != "base" and m not in cfg.lrs]
     if missing_lr:
-        raise ValueError(f"No learning rate for {missing_lr}; pass --lr METHOD=LR.")
+        raise GoraConfigError(f"No learning rate for {missing_lr}; pass --lr METHOD=LR.")
     out = Path(out_dir)
     check_settings(out, cfg.settings())
     results = out / RESULTS_FILE

@@ -16,13 +16,18 @@ from gora import GoraConfig, apply_gora, estimate_gora
 from gora.bench.builders import GAMMA_BATCHES, Batch, BuiltMethod, MethodConfig, adamw, finish, lora_config, loraplus_adamw
 
 
-def gora_peft_model(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> tuple[nn.Module, dict]:
-    """(peft_model, record fields): ranks, gamma, N, rank range, estimation and total init time."""
-    gora_config = GoraConfig(
+def gora_config_for(cfg: MethodConfig) -> GoraConfig:
+    """The :class:`GoraConfig` a GoRA method runs with (raises ``GoraConfigError`` on invalid GoRA settings)."""
+    return GoraConfig(
         num_steps=cfg.init_steps, min_rank=cfg.gora_min_rank, max_rank=cfg.gora_max_rank,
         gamma=cfg.gora_gamma, importance=cfg.gora_importance, estimator=cfg.gora_estimator, seed=cfg.seed,
         adaptive_gamma=cfg.gora_adaptive_gamma, gamma_batches=GAMMA_BATCHES, show_progress=cfg.show_progress,
     )
+
+
+def gora_peft_model(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> tuple[nn.Module, dict]:
+    """(peft_model, record fields): ranks, gamma, N, rank range, estimation and total init time."""
+    gora_config = gora_config_for(cfg)
     used, held_out = list(batches[: cfg.init_steps]), list(batches[cfg.init_steps :])
     config = lora_config(cfg)
     start = time.perf_counter()

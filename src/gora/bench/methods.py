@@ -19,6 +19,7 @@ from gora.bench.builders import (
     plain_lora_builder,
 )
 from gora.bench.gora_method import build_gora, build_gora_loraplus
+from gora.errors import GoraConfigError
 
 METHODS: dict[str, Builder] = {
     "full": build_full,
@@ -57,7 +58,7 @@ def build_method(method: str, model: nn.Module, cfg: MethodConfig, batches: Sequ
             feed GoRA, LoRA-GA and EVA.
     """
     if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose from {sorted(METHODS)}.")
+        raise GoraConfigError(f"Unknown method {method!r}; choose from {sorted(METHODS)}.")
     if method in NEEDS_INIT_BATCHES and not batches:
         raise ValueError(f"Method {method!r} initialises from data: pass training batches.")
     return METHODS[method](model, cfg, batches)

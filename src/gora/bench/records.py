@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from gora.errors import GoraDataError
+
 Record = dict[str, Any]
 CELL_FIELDS = ("method", "task", "seed", "r")
 LR_RUN_FIELDS = ("method", "task", "seed", "r", "lr")
@@ -26,16 +28,19 @@ def load_records(path: str | os.PathLike) -> list[Record]:
     """Records of a results file; an absent file has none.
 
     Raises:
-        ValueError: the file is not a JSON list of records (nor a dict holding one under ``records``).
+        GoraDataError: the file is not a JSON list of records (nor a dict holding one under ``records``).
     """
     path = Path(path)
     if not path.is_file():
         return []
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise GoraDataError(f"{path} is not valid JSON ({err}); move it away or fix it.") from None
     if isinstance(data, dict):
         data = data.get("records")
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise ValueError(f"{path} is not a JSON list of result records; move it away or fix it.")
+        raise GoraDataError(f"{path} is not a JSON list of result records; move it away or fix it.")
     return data
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import gc
 import logging
+import numbers
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -13,7 +17,7 @@ from gora.bench.assets import default_model_path, load_classifier, load_tokenize
 from gora.bench.builders import MethodConfig
 from gora.bench.methods import build_method, init_batch_count
 from gora.bench.records import Record
-from gora.bench.tasks import BUILTIN_TASKS, TaskData, load_task
+from gora.bench.tasks import BUILTIN_TASKS, TaskData, check_task_source, load_task
 from gora.bench.train import (
     Encoded,
     TrainConfig,
@@ -24,7 +28,8 @@ from gora.bench.train import (
     total_steps,
     train_and_evaluate,
 )
-from gora.bench.user_task import load_user_task
+from gora.bench.user_task import load_user_task, supported_table
+from gora.errors import GoraConfigError, GoraDataError
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +38,16 @@ RECORD_INFO_FIELDS = (
     "budget", "actual_params", "estimation_seconds", "loraplus_ratio", "target_r", "init_batches",
 )
 """Fields a builder may report that go into the record when present."""
+
+
+def did_you_mean(unknown: Sequence[str], known: Sequence[str]) -> str:
+    """`` (did you mean 'lora'?)`` for near misses of known names, else an empty string."""
+    close = {n: m[0] for n in unknown if isinstance(n, str) and (m := difflib.get_close_matches(n, known, n=1))}
+    if not close:
+        return ""
+    if len(unknown) == 1:
+        return f" (did you mean {next(iter(close.values()))!r}?)"
+    return " (did you mean " + ", ".join(f"{m!r} for {n!r}" for n, m in close.items()) + "?)"
 
 
 @dataclass
@@ -48,13 +63,62 @@ class DataConfig:
     user_tasks: dict[str, tuple[str, str]] = field(default_factory=dict)
     """Extra tasks: name -> (train file, test file), CSV or JSONL."""
 
+    def __post_init__(self) -> None:
+        if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, numbers.Integral) \
+                or self.split_seed < 0:
+            raise GoraConfigError(f"split_seed must be an integer >= 0 (--split-seed), got {self.split_seed!r}.")
+        for name in ("max_train", "max_val", "max_test"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise GoraConfigError(f"{name} must be an integer >= 1 or None (--{name.replace('_', '-')}), "
+                                      f"got {value!r}.")
+        for name, files in self.user_tasks.items():
+            if isinstance(files, (str, bytes)) or len(files) != 2:
+                raise GoraConfigError(f"User task {name!r} needs (train file, test file), got {files!r}.")
+
+    def known_tasks(self) -> list[str]:
+        return [*BUILTIN_TASKS, *(t for t in self.user_tasks if t not in BUILTIN_TASKS)]
+
+    def check(self, names: Sequence[str]) -> None:
+        """Refuse unknown task names and user tasks whose files are missing; loads nothing.
+
+        Raises:
+            GoraConfigError: no task, an unknown task, or a user-task file of an unsupported type.
+            GoraDataError: a user-task file that does not exist.
+        """
+        if isinstance(names, str) or not names:
+            raise GoraConfigError(f"Need a list of one or more tasks (--tasks), got {names!r}; "
+                                  f"known tasks: {', '.join(self.known_tasks())}.")
+        unknown = [n for n in dict.fromkeys(names) if n not in self.user_tasks and n not in BUILTIN_TASKS]
+        if unknown:
+            user = ", ".join(self.user_tasks) or "none declared"
+            raise GoraConfigError(
+                f"Unknown task(s) {unknown}{did_you_mean(unknown, self.known_tasks())}; "
+                f"built-in tasks: {', '.join(BUILTIN_TASKS)}; user tasks: {user}. "
+                "Declare your own task with --user-task NAME TRAIN TEST (DataConfig.user_tasks in Python)."
+            )
+        for name in dict.fromkeys(names):
+            for role, file in zip(("train", "test"), self.user_tasks.get(name, ())):
+                if not supported_table(file):
+                    raise GoraConfigError(f"User task {name!r}: {role} file {file} is not .csv or .jsonl "
+                                          "(optionally .gz); convert it or pass another file.")
+                if not Path(file).is_file():
+                    raise GoraDataError(f"User task {name!r}: {role} file {file} not found; check the path.")
+
+    def check_sources(self, names: Sequence[str]) -> None:
+        """:meth:`check`, then refuse built-in tasks whose data (export, package, sdist) is not available."""
+        self.check(names)
+        for name in dict.fromkeys(names):
+            if name not in self.user_tasks:
+                check_task_source(name, self.data_dir)
+
     def load(self, name: str) -> TaskData:
         sizes = {"max_train": self.max_train, "max_val": self.max_val, "max_test": self.max_test}
         if name in self.user_tasks:
             train_path, test_path = self.user_tasks[name]
             return load_user_task(train_path, test_path, name=name, split_seed=self.split_seed, **sizes)
         if name not in BUILTIN_TASKS:
-            raise ValueError(f"Unknown task {name!r}; built-in: {list(BUILTIN_TASKS)}; or declare a user task.")
+            self.check([name])
         return load_task(name, split_seed=self.split_seed, data_dir=self.data_dir, **sizes)
 
 
@@ -76,6 +140,10 @@ class CellRunner:
         self.alpha_per_rank = alpha_per_rank
         self._tokenizer = None
         self._tasks: dict[str, tuple[TaskData, tuple[Encoded, Encoded, Encoded]]] = {}
+
+    def check(self, tasks: Sequence[str]) -> None:
+        """Refuse tasks whose data is missing before any run starts (see :meth:`DataConfig.check_sources`)."""
+        self.data_config.check_sources(tasks)
 
     @property
     def tokenizer(self):

