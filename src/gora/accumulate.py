@@ -93,7 +93,8 @@ def probe_flags(probes: list[Tensor]) -> Tensor:
 class LayerSums:
     """What one layer accumulates. Full path: ``grad`` (out × in). Sketch path: ``proj`` and ``frob``."""
 
-    count: int = 0
+    count: int = 0  # steps whose backward reached the layer (once per step, however often its hook fires)
+    last_step: int = -1
     grad: Tensor | None = None  # Σ_t G_t, (out, in), fp32
     proj: Tensor | None = None  # Σ_t G_t A_maxᵀ, (out, r_max), fp32 (sketch)
     frob: Tensor | None = None  # Σ_t (W ⊙ G_t) Ω, (out, k), fp32 (sketch)
@@ -147,7 +148,9 @@ class GradientAccumulator:
         self._offload: PinnedOffload | None = None
         self.batch_add_bytes = CPU_BATCH_ADD_BYTES if self.device.type == "cpu" else BATCH_ADD_BYTES
         self._pending: tuple[list[Tensor], list[Tensor]] = ([], [])  # (sums, gradients) not yet added
+        self._pending_ids: set[int] = set()  # id() of the pending sums: a sum appears once per multi-tensor add
         self._pending_bytes = 0
+        self._step = 0  # index of the step under way (a redo keeps it)
         self._workspaces: dict[tuple[torch.device, int], Tensor] = {}  # sketch temporaries, reused
 
     # -- context management ---------------------------------------------------------------
@@ -208,6 +211,7 @@ class GradientAccumulator:
         self._skip = set(self._added) if redo else set()
         if not redo:
             self._added = set()
+            self._step += 1
         self._probes = []
         self._nonfinite = []
 
@@ -288,7 +292,8 @@ class GradientAccumulator:
     def _accumulate(self, sums: LayerSums, target: TargetLayer, grad: Tensor) -> Tensor:
         """Add one gradient into the layer's sums; returns what to probe for NaN/Inf: the running sum where it is on the
         device (no kernel here; :meth:`_step_flags` checks all probes at once), the gradient's sum when offloaded."""
-        sums.count += 1
+        if sums.last_step != self._step:  # a layer used twice in a step (shared block, two backward calls) adds
+            sums.count, sums.last_step = sums.count + 1, self._step  # both gradients but counts one step
         if self.sketch is not None:
             return self._accumulate_sketch(sums, self.sketch[target.name], target, grad)
         inv_scale = 1.0 / self.scale
@@ -313,9 +318,12 @@ class GradientAccumulator:
 
     def _add_batched(self, total: Tensor, grad: Tensor) -> None:
         """``total += grad``, held back with other small gradients until ``batch_add_bytes`` are pending."""
+        if id(total) in self._pending_ids:  # the same sum twice in one multi-tensor add could race on a GPU
+            self._flush()
         totals, grads = self._pending
         totals.append(total)
         grads.append(grad)
+        self._pending_ids.add(id(total))
         self._pending_bytes += grad.numel() * grad.element_size()
         if self._pending_bytes >= self.batch_add_bytes:
             self._flush()
@@ -328,7 +336,7 @@ class GradientAccumulator:
             self._drop_pending()
 
     def _drop_pending(self) -> None:
-        self._pending, self._pending_bytes = ([], []), 0
+        self._pending, self._pending_bytes, self._pending_ids = ([], []), 0, set()
 
     def _buffer(self, device: torch.device, slot: int, entries: int) -> Tensor:
         """A reused fp32 buffer of ``entries`` entries per (device, slot), kept until the accumulator closes (slots 0
@@ -450,11 +458,14 @@ class GradientCheckpointing:
 
     Calls ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})``
     (Hugging Face models). Hugging Face blocks checkpoint only while the *block* is in train mode
-    (``GradientCheckpointingLayer.__call__`` tests ``self.training``), and models load in eval mode; so the
-    checkpointed blocks' own ``training`` flag is switched on, while their submodules (dropout, attention
-    dropout) keep their mode: estimation stays deterministic and recomputation is exact. On exit the
-    checkpointing attributes, the forward hooks ``enable_input_require_grads`` registers, and the flags are
-    put back as they were. Non-reentrant checkpointing needs no input that requires grad.
+    (``GradientCheckpointingLayer.__call__`` tests ``self.training``), and models load in eval mode. Switching
+    the block to train mode would also switch on the dropout some blocks apply themselves
+    (``F.dropout(x, p=self.dropout, training=self.training)`` in BART and Whisper layers), so an eval-mode block
+    is left in eval mode and its ``forward`` is checkpointed instead (non-reentrant ``torch.utils.checkpoint``,
+    with the cache switched off as Hugging Face does): estimation stays deterministic and recomputation is
+    exact. On exit the checkpointing attributes, the forward hooks ``enable_input_require_grads`` registers, the
+    wrapped ``forward`` and the flags are put back as they were. Non-reentrant checkpointing needs no input that
+    requires grad.
 
     Raises:
         GoraUnsupportedError: the model has no ``gradient_checkpointing_enable`` or does not support it.
@@ -465,6 +476,7 @@ class GradientCheckpointing:
         self._saved_attrs: list[tuple[nn.Module, dict]] = []
         self._saved_hooks: list[tuple[nn.Module, dict[str, set]]] = []
         self._saved_modes: list[tuple[nn.Module, bool]] = []
+        self._wrapped: list[tuple[nn.Module, Any]] = []  # (block, its own instance ``forward`` before, or None)
 
     def __enter__(self) -> "GradientCheckpointing":
         enable = getattr(self.model, "gradient_checkpointing_enable", None)
@@ -480,7 +492,7 @@ class GradientCheckpointing:
         self._saved_modes = [(m, m.training) for m in modules]
         try:
             enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            switched = self._switch_blocks_to_train(modules)
+            switched = self._checkpoint_eval_blocks(modules)
         except BaseException as err:
             self._restore()
             if isinstance(err, ValueError):  # transformers: "... does not support gradient checkpointing"
@@ -495,16 +507,24 @@ class GradientCheckpointing:
     def __exit__(self, *exc_info) -> None:
         self._restore()
 
-    @staticmethod
-    def _switch_blocks_to_train(modules: list[nn.Module]) -> int:
+    def _checkpoint_eval_blocks(self, modules: list[nn.Module]) -> int:
+        """Checkpoint the blocks Hugging Face would checkpoint in train mode; returns how many will checkpoint."""
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         blocks = [m for m in modules if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
         for block in blocks:
-            block.training = True  # the block's own flag only; its children keep their mode
+            if not block.training:  # in train mode Hugging Face's own __call__ checkpoints it
+                self._wrapped.append((block, block.__dict__.get("forward")))
+                block.forward = _checkpointed(block.forward)
         return len(blocks)
 
     def _restore(self) -> None:
+        for block, forward in reversed(self._wrapped):
+            if forward is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = forward
+        self._wrapped = []
         for module, hooks in self._saved_hooks:
             for dict_name, kept in hooks.items():
                 for key in set(getattr(module, dict_name)) - kept:
@@ -520,3 +540,22 @@ class GradientCheckpointing:
         for module, mode in self._saved_modes:
             module.training = mode
         self._saved_hooks, self._saved_attrs, self._saved_modes = [], [], []
+
+
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+def _checkpointed(forward):
+    """``forward`` run under non-reentrant checkpointing, without a cache (as ``GradientCheckpointingLayer`` does in
+    train mode: a cache would be written twice, once more by the recomputation)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def checkpointed_forward(*args, **kwargs):
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+        for name in _CACHE_KWARGS:
+            if kwargs.get(name) is not None:
+                kwargs[name] = None
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return checkpointed_forward

@@ -35,6 +35,7 @@ def _snapshot(model: nn.Module) -> dict:
         "checkpointing": {n: {a: m.__dict__[a] for a in ("gradient_checkpointing", "_gradient_checkpointing_func",
                                                           "_require_grads_hooks") if a in m.__dict__}
                           for n, m in model.named_modules()},
+        "forwards": {n: m.__dict__.get("forward") for n, m in model.named_modules()},  # no wrapper left behind
     }
 
 
@@ -42,7 +43,7 @@ def _assert_restored(model: nn.Module, before: dict) -> None:
     after = _snapshot(model)
     for name, weight in before["weights"].items():
         assert torch.equal(after["weights"][name], weight), name
-    for key in ("flags", "modes", "hooks", "post_hooks", "checkpointing"):
+    for key in ("flags", "modes", "hooks", "post_hooks", "checkpointing", "forwards"):
         assert after[key] == before[key], key
     for name, grad in before["grads"].items():
         assert (after["grads"][name] is None) == (grad is None), name
@@ -104,6 +105,36 @@ def test_gradient_checkpointing_keeps_dropout_off_in_eval_mode(tiny_bert):
     for name, sums in plain.sums.items():
         torch.testing.assert_close(checkpointed.sums[name].grad, sums.grad, rtol=1e-5, atol=1e-7)
     _assert_restored(tiny_bert, before)
+
+
+def test_gradient_checkpointing_keeps_block_level_dropout_off_in_eval_mode():
+    """BART layers call F.dropout(x, p=self.dropout, training=self.training) themselves: a block switched to train
+    mode would drop activations at random. Eval-mode blocks are checkpointed without a mode change."""
+    from transformers import BartConfig, BartForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
+                        dropout=0.5, activation_dropout=0.5, num_labels=2, pad_token_id=1, eos_token_id=2)
+    model = BartForSequenceClassification(config).eval()
+    generator = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(3, 64, (2, 8), generator=generator)
+        ids[:, -1] = 2  # one eos per row: the classification head reads it
+        batches.append({"input_ids": ids, "labels": torch.tensor([0, 1])})
+    targets = ["q_proj", "v_proj", "fc1"]
+    _, plain = _run(model, targets, batches)
+    before = _snapshot(model)
+    calls = [0]
+    layer = model.model.encoder.layers[0]
+    handle = layer.fc1.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    _, checkpointed = _run(model, targets, batches, gradient_checkpointing=True)
+    handle.remove()
+    assert calls[0] == 2 * len(batches)  # recomputed in backward: checkpointing did act
+    for name, sums in plain.sums.items():
+        torch.testing.assert_close(checkpointed.sums[name].grad, sums.grad, rtol=1e-5, atol=1e-7)
+    _assert_restored(model, before)
 
 
 def test_gradient_checkpointing_in_train_mode_is_restored_to_eval():
