@@ -40,12 +40,18 @@ def estimate_gora(
     """Estimate GoRA's ranks and initialisation from the first ``gora_config.num_steps`` batches.
 
     Args:
-        model: a transformers (or any torch) model; its weights are never written.
+        model: a transformers (or any torch) model; its weights are never written. A model wrapped in
+            ``DistributedDataParallel`` (as after ``accelerator.prepare``) is estimated through the module inside
+            it, ``model.module``: GoRA all-reduces its sums once after the loop, so DDP's per-step gradient
+            reducer is bypassed. FSDP/ZeRO-3: estimate before sharding (or once, then ``GoraState.load``).
         lora_config: LoRA's settings: reference rank ``r``, ``lora_alpha``, ``target_modules``.
         batches: any iterable of batches (dicts for ``model(**batch)``); under torch.distributed each
             process passes its own shard and ``num_steps`` counts steps per process.
-        gora_config: GoRA's settings; ``None`` means ``GoraConfig()``.
-        loss_fn: ``loss_fn(model, batch) -> scalar``; default ``model(**batch).loss``.
+        gora_config: GoRA's settings; ``None`` means ``GoraConfig()``. With ``adaptive_steps``, ``num_steps`` is
+            only the cap: batches that run out after ``min_steps`` end estimation there (noted in the state).
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default ``model(**batch).loss``. It receives the module
+            inside a ``DistributedDataParallel`` wrapper, not the wrapper; batches keep their container types
+            (dict, ``BatchEncoding``, namedtuple, ...) with their tensors on the model's device.
         eval_batches: held-out batches for adaptive γ; default the ``gamma_batches`` after the estimation batches.
 
     Returns:
@@ -62,6 +68,7 @@ def estimate_gora(
                             f"{config.num_steps} dicts or a DataLoader.")
     _check_length(batches, config)
     min_rank, max_rank = config.rank_bounds(lora_config.r)
+    model = distributed.local_module(model)  # never through DDP's reducer: the sums are all-reduced after the loop
     base = unwrap_model(model)
     targets, skipped = resolve_targets(base, lora_config)
     device = model_device(base)
@@ -131,10 +138,14 @@ def _check_length(batches: Iterable, config: GoraConfig) -> None:
         length = len(batches)  # type: ignore[arg-type]
     except TypeError:
         return
-    needed = config.num_steps if not config.adaptive_steps else config.min_steps
     if length == 0:
         raise GoraDataError("the batches are empty: estimate_gora needs at least one batch (num_steps of them).")
-    if length < needed:
+    least = min(config.min_steps, config.num_steps)
+    if config.adaptive_steps and length < least:  # num_steps is only the cap of adaptive steps
+        raise GoraDataError(f"the batches hold {length} items but adaptive steps need at least "
+                            f"min_steps={config.min_steps} (num_steps={config.num_steps} is the cap); pass at least "
+                            f"{least} batches, or set GoraConfig(min_steps={length}).")
+    if not config.adaptive_steps and length < config.num_steps:
         raise GoraDataError(f"the batches hold {length} items but num_steps={config.num_steps}; pass at least "
                             f"{config.num_steps} batches, or set GoraConfig(num_steps={length}).")
 

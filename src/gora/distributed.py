@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 CHUNK_ELEMENTS = 1 << 24  # 64 MB of fp32 per collective call
 
@@ -40,13 +41,24 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
     if not is_distributed():
         return tensor
     device = _collective_device(tensor)
-    flat = tensor.view(-1)
+    flat = _flat_view(tensor)
     for chunk in flat.split(CHUNK_ELEMENTS):
         staged = chunk.to(device) if device != chunk.device else chunk
         dist.all_reduce(staged, op=dist.ReduceOp.SUM)
         if staged is not chunk:
             chunk.copy_(staged)
     return tensor
+
+
+def _flat_view(tensor: Tensor) -> Tensor:
+    """A 1-D view of every entry, in memory order. A Conv1D layer's sum is the transpose of its (in, out)
+    gradient, dense but not contiguous; the SUM is elementwise, so any order that every process shares will do."""
+    if tensor.is_contiguous():
+        return tensor.view(-1)
+    if tensor.dim() == 2 and tensor.t().is_contiguous():
+        return tensor.t().view(-1)
+    raise ValueError(f"all_reduce_sum_ needs a dense tensor, got shape {tuple(tensor.shape)} with strides "
+                     f"{tensor.stride()}")
 
 
 def all_reduce_counts(counts: list[int]) -> list[int]:
@@ -63,6 +75,29 @@ def any_process(flag: bool) -> bool:
     tensor = tensor.to(_collective_device(tensor))
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
+
+
+def processes_where(flag: bool) -> list[int]:
+    """The ranks of the processes where ``flag`` is True: one MAX all-reduce of one integer per process."""
+    if not is_distributed():
+        return [0] if flag else []
+    flags = torch.zeros(world_size(), dtype=torch.int64)
+    flags[rank()] = 1 if flag else 0
+    flags = flags.to(_collective_device(flags))
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [process for process, value in enumerate(flags.tolist()) if value]
+
+
+def local_module(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper, else ``model`` itself.
+
+    Estimation runs its forward/backward passes on it: GoRA all-reduces its own sums once after the loop, and
+    DDP's per-step gradient reducer would both cost an all-reduce per step and fail at the second step, since
+    every non-target parameter is frozen during estimation.
+    """
+    while isinstance(model, DistributedDataParallel):
+        model = model.module
+    return model
 
 
 def mean_over_processes(value: float) -> float:

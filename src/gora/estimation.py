@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 import time
+from collections import UserDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,14 +44,45 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
-    """Tensors inside dicts, lists and tuples moved to ``device`` (other values kept)."""
+    """Tensors inside dicts, lists and tuples moved to ``device`` (other values kept).
+
+    Containers keep their type: a namedtuple stays that namedtuple, a ``BatchEncoding`` (or other dict/``UserDict``
+    subclass) a copy of itself with the moved values, so ``batch.input_ids`` still works in a ``loss_fn``. The
+    user's batch is never changed in place. Only a mapping type that cannot be rebuilt becomes a plain dict.
+    """
     if isinstance(batch, Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
-        return {k: move_to_device(v, device) for k, v in batch.items()}
+        return _rebuild_mapping(batch, {k: move_to_device(v, device) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple takes its fields as arguments
+        return type(batch)(*(move_to_device(v, device) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(v, device) for v in batch)
+        items = [move_to_device(v, device) for v in batch]
+        try:
+            return type(batch)(items)
+        except Exception:  # a subclass whose constructor takes something else: the plain container
+            return tuple(items) if isinstance(batch, tuple) else items
     return batch
+
+
+def _rebuild_mapping(batch: Mapping, items: dict) -> Mapping:
+    """``batch``'s own type holding ``items``: a shallow copy with the values replaced for dict and ``UserDict``
+    subclasses (keeps a ``BatchEncoding``'s tokenizer encodings, a ``defaultdict``'s factory), else the type built
+    from a dict, else a plain dict."""
+    if type(batch) is dict:
+        return items
+    if isinstance(batch, (dict, UserDict)):
+        try:
+            rebuilt = copy.copy(batch)  # dict storage is copied, never shared with the user's batch
+            for key, value in items.items():
+                rebuilt[key] = value
+            return rebuilt
+        except Exception:  # an unusual subclass: try its constructor below
+            pass
+    try:
+        return type(batch)(items)
+    except Exception:  # a mapping type that cannot be built from a dict
+        return items
 
 
 def batch_size(batch: Any) -> int:
@@ -149,12 +182,33 @@ def _gradient_error(layers: list[str], step: int) -> GoraNumericalError:
     )
 
 
-def _raise_first_failure(accumulator: GradientAccumulator) -> None:
-    """Raise for the first deferred step whose loss or gradients had a NaN/Inf (one device sync)."""
-    failure = accumulator.first_failure()
-    if failure is not None:
-        step, layers, (loss_ok,), loss = failure
-        raise _loss_error(step, float(loss.float())) if not loss_ok else _gradient_error(layers, step)
+def _raise_first_failure(accumulator: GradientAccumulator, pending: GoraNumericalError | None = None) -> None:
+    """Raise for the first deferred step whose loss or gradients had a NaN/Inf (one device sync), or ``pending``
+    (the error of an fp16 step, found at once).
+
+    Under torch.distributed the decision is joint, like running out of batches: one tiny all-reduce of a failure
+    flag per process, then every process raises together, a failing one its own error and the others one naming
+    it. A process that raised alone would leave the others waiting in the next collective until its timeout.
+    """
+    error = pending
+    if error is None:
+        failure = accumulator.first_failure()
+        if failure is not None:
+            step, layers, (loss_ok,), loss = failure
+            error = _loss_error(step, float(loss.float())) if not loss_ok else _gradient_error(layers, step)
+    if not distributed.is_distributed():
+        if error is not None:
+            raise error
+        return
+    failed = distributed.processes_where(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        ranks = ("rank " if len(failed) == 1 else "ranks ") + ", ".join(map(str, failed))
+        raise GoraNumericalError(
+            f"estimation stopped on all {distributed.world_size()} processes because {ranks} found a NaN or Inf "
+            f"loss or gradient; see the GoraNumericalError raised on {ranks} for the step and the layers."
+        )
 
 
 def _one_step(model, accumulator: GradientAccumulator, batch, loss_fn, step: int, scale: float, fp16: bool) -> float:
@@ -237,7 +291,8 @@ def run_estimation(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start, steps, samples = time.perf_counter(), 0, 0
-    check_every = _check_every(device)
+    # fp16 reads its flags every step anyway; under torch.distributed its errors are then decided jointly each step
+    check_every = 1 if fp16 else _check_every(device)
     notes: dict[str, Any] = {"accumulation_device": acc_device.type}
     previous: dict[str, float] = {}
     bar = tqdm(total=config.num_steps, desc="GoRA gradient estimation", unit="step",
@@ -253,13 +308,17 @@ def run_estimation(
             if distributed.any_process(batch is _END):
                 break
             batch = move_to_device(batch, device)
-            scale = _one_step(model, accumulator, batch, loss_fn, step, scale, fp16)
+            try:
+                scale = _one_step(model, accumulator, batch, loss_fn, step, scale, fp16)
+            except GoraNumericalError as error:  # fp16 finds it at once; the other processes at their next check
+                _raise_first_failure(accumulator, pending=error)  # raises, on every process together
+                raise
             steps, samples = steps + 1, samples + batch_size(batch)
             bar.update(1)
-            if steps % check_every == 0:
+            reading = config.adaptive_steps and steps >= config.min_steps - 1  # the sums are about to be read
+            if steps % check_every == 0 or reading:
                 _raise_first_failure(accumulator)
-            if config.adaptive_steps and steps >= config.min_steps - 1:
-                _raise_first_failure(accumulator)  # the sums are about to be read
+            if reading:
                 accumulator.synchronize()  # offloaded sums complete before they are read
                 current = _running_importance(targets, accumulator.sums, config)
                 done = steps >= config.min_steps and _converged(previous, current, config.convergence_threshold)
@@ -269,8 +328,22 @@ def run_estimation(
                     logger.info("adaptive steps: importance converged after %d steps (%d samples)", steps, samples)
                     break
         _raise_first_failure(accumulator)
-    if steps < config.num_steps and "adaptive_steps_stopped_at" not in notes:
-        where = " (on the process with the fewest batches)" if distributed.is_distributed() else ""
+    ran_out = steps < config.num_steps and "adaptive_steps_stopped_at" not in notes
+    where = " (on the process with the fewest batches)" if distributed.is_distributed() else ""
+    least = min(config.min_steps, config.num_steps)  # adaptive steps never stop earlier
+    if ran_out and config.adaptive_steps and steps >= least:
+        # num_steps is only the cap of adaptive steps: the batches running out after min_steps is a normal stop
+        notes["adaptive_steps_ran_out_at"] = steps
+        logger.warning("adaptive steps: the batches ran out after %d steps%s, before importance converged "
+                       "(num_steps=%d is the cap); the estimate uses those %d steps", steps, where,
+                       config.num_steps, steps)
+    elif ran_out and config.adaptive_steps and steps:
+        raise GoraDataError(
+            f"the batches gave {steps} items{where} but adaptive steps need at least min_steps={config.min_steps} "
+            f"(num_steps={config.num_steps} is the cap); pass at least {least} batches per process, or "
+            f"set GoraConfig(min_steps={steps})."
+        )
+    elif ran_out:
         raise GoraDataError(
             f"the batches gave {steps} items{where} but num_steps={config.num_steps}; pass at least "
             f"{config.num_steps} batches per process, or set GoraConfig(num_steps={max(steps, 1)})."

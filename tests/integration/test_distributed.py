@@ -1,9 +1,10 @@
 """GoRA under torch.distributed: 2 gloo processes on CPU.
 
 DDP: each process estimates on its own shard; the state must be identical on both ranks and equal to
-one process over all batches with num_steps = 2·N. FSDP/ZeRO-3 path: estimate once, save, every rank
-calls apply_gora(GoraState.load(dir)) and gets identical adapters, also through a real FSDP2
-``fully_shard`` training step.
+one process over all batches with num_steps = 2·N, also for a model passed wrapped in
+``DistributedDataParallel``. FSDP/ZeRO-3 path: estimate once, save, every rank calls
+apply_gora(GoraState.load(dir)) and gets identical adapters, also through a real FSDP2 ``fully_shard``
+training step. A NaN on one rank stops every rank at once, none waits in a collective.
 
 The module runs itself as the launcher: ``python test_distributed.py WORKDIR`` spawns the two ranks,
 which write their results under WORKDIR for the tests to compare.
@@ -11,10 +12,13 @@ which write their results under WORKDIR for the tests to compare.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import socket
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,10 +29,11 @@ if str(TESTS_DIR) not in sys.path:  # the spawned ranks import the shared fixtur
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from conftest import _bert_config, make_bert_batches  # noqa: E402
+from conftest import _bert_config, make_bert_batches, make_lm_batches, tiny_gpt2  # noqa: E402
 
 WORLD = 2
 STEPS = 3  # per process
+FAILURE_TIMEOUT = 20  # seconds a collective may wait in the failure scenarios: a rank left waiting fails fast
 ADAPTIVE = dict(num_steps=10, adaptive_steps=True, min_steps=2, convergence_threshold=0.3, show_progress=False)
 
 
@@ -49,6 +54,16 @@ def _all_batches():
     return make_bert_batches(WORLD * STEPS, seed=0)
 
 
+def _gpt2_lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+
+
+def _gpt2_batches():
+    return make_lm_batches(WORLD * STEPS, seed=6)
+
+
 def _examples() -> list[dict]:
     """A dataset of single examples, as a Trainer would hold it."""
     return [{k: v[i] for k, v in batch.items()} for batch in make_bert_batches(5, batch=8, seed=4) for i in range(8)]
@@ -62,15 +77,24 @@ def _adaptive_shard(rank: int) -> list[dict]:
 
 
 # -- the two ranks ---------------------------------------------------------------------------------
-def _rank_main(rank: int, port: int, workdir: str) -> None:
+def _rank_main(rank: int, ports: tuple[int, int], workdir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=120))
     try:
         _ddp_estimation(rank, Path(workdir))
+        _ddp_wrapped_estimation(rank, Path(workdir))
         _fsdp_apply(rank, Path(workdir))
+    finally:
+        dist.destroy_process_group()
+    # a fresh group whose collectives time out quickly: a rank left waiting by a failure on the other rank
+    # ends with a timeout error after FAILURE_TIMEOUT seconds instead of hanging the test
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[1]}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=FAILURE_TIMEOUT))
+    try:
+        _nan_on_one_rank(rank, Path(workdir))
     finally:
         dist.destroy_process_group()
 
@@ -88,6 +112,10 @@ def _ddp_estimation(rank: int, workdir: Path) -> None:
     estimate_gora(_tiny_bert(), _lora_config(), batches, gora_config=config).save(workdir / "sharded" / f"rank{rank}")
     state = estimate_gora(_tiny_bert(), _lora_config(), _adaptive_shard(rank), gora_config=GoraConfig(**ADAPTIVE))
     state.save(workdir / "adaptive" / f"rank{rank}")
+    gpt2_shard = _gpt2_batches()[rank * STEPS:(rank + 1) * STEPS]
+    state = estimate_gora(tiny_gpt2(), _gpt2_lora_config(), gpt2_shard,
+                          gora_config=GoraConfig(num_steps=STEPS, show_progress=False))
+    state.save(workdir / "gpt2" / f"rank{rank}")
     _short_shard(rank, workdir)
 
 
@@ -104,6 +132,73 @@ def _short_shard(rank: int, workdir: Path) -> None:
         outcome = f"GoraDataError: {error}"
     (workdir / "short").mkdir(exist_ok=True)
     (workdir / "short" / f"rank{rank}.txt").write_text(outcome)
+
+
+def _ddp_wrapped_estimation(rank: int, workdir: Path) -> None:
+    """The model passed inside DistributedDataParallel (as after accelerator.prepare), non-target weights trainable."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gora import GoraConfig, estimate_gora
+    from test_hygiene import ModelSnapshot
+
+    model = _tiny_bert()
+    wrapped = DistributedDataParallel(model)
+    snapshot = ModelSnapshot(model)
+    seen = set()
+
+    def loss_fn(module, batch):
+        seen.add(type(module).__name__)
+        return module(**batch).loss
+
+    shard = _all_batches()[rank * STEPS:(rank + 1) * STEPS]
+    outcome = "ok"
+    try:  # an error is recorded for its test (DDP's reducer fails the same way on both ranks)
+        state = estimate_gora(wrapped, _lora_config(), shard, loss_fn=loss_fn,
+                              gora_config=GoraConfig(num_steps=STEPS, show_progress=False))
+        state.save(workdir / "ddp_wrapped" / f"rank{rank}")
+    except Exception as error:
+        outcome = f"{type(error).__name__}: {error}"
+    snapshot.assert_unchanged()
+    (workdir / "ddp_wrapped").mkdir(exist_ok=True)
+    (workdir / "ddp_wrapped" / f"rank{rank}.json").write_text(json.dumps({"outcome": outcome,
+                                                                          "loss_fn_saw": sorted(seen)}))
+
+
+def _nan_on_one_rank(rank: int, workdir: Path) -> None:
+    """Rank 1's loss is NaN at step 1 only: both ranks must raise, at once, with their models restored. fp32 with the
+    NaN/Inf flags read every 3 steps (the accelerator's deferred schedule), and fp16 (read at once, every step)."""
+    from gora import GoraConfig, GoraNumericalError, estimate_gora, estimation
+    from test_hygiene import ModelSnapshot
+
+    estimation._check_every = lambda device: 3  # this process only: the deferred read, as on an accelerator
+    outcomes = {}
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+        model = _tiny_bert().to(dtype)
+        snapshot = ModelSnapshot(model)
+        calls = []
+
+        def loss_fn(module, batch):
+            calls.append(len(calls))
+            loss = module(**batch).loss
+            return loss * math.nan if rank == 1 and len(calls) == 2 else loss
+
+        start, outcome = time.perf_counter(), "no error"
+        try:
+            estimate_gora(model, _lora_config(), make_bert_batches(6, seed=20 + rank), loss_fn=loss_fn,
+                          gora_config=GoraConfig(num_steps=6, show_progress=False))
+        except GoraNumericalError as error:
+            outcome = f"GoraNumericalError: {error}"
+        except Exception as error:  # e.g. a collective that timed out: recorded for the test to report
+            outcome = f"{type(error).__name__}: {error}"
+        seconds = time.perf_counter() - start
+        try:
+            snapshot.assert_unchanged()
+            restored = "restored"
+        except AssertionError as error:
+            restored = f"not restored: {error}"
+        outcomes[name] = {"outcome": outcome, "seconds": seconds, "restored": restored, "forward_passes": len(calls)}
+    (workdir / "nan").mkdir(exist_ok=True)
+    (workdir / "nan" / f"rank{rank}.json").write_text(json.dumps(outcomes))
 
 
 def _fsdp_apply(rank: int, workdir: Path) -> None:
@@ -135,10 +230,12 @@ def _fsdp_apply(rank: int, workdir: Path) -> None:
 def _launch(workdir: str) -> None:
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_rank_main, args=(port, workdir), nprocs=WORLD)
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    mp.spawn(_rank_main, args=(tuple(ports), workdir), nprocs=WORLD)
 
 
 if __name__ == "__main__":
@@ -212,6 +309,17 @@ def test_ddp_sketch_estimator_equals_one_process_over_all_batches(runs):
     _assert_matches_single(rank0, estimate_gora(_tiny_bert(), _lora_config(), _all_batches(), gora_config=config))
 
 
+def test_ddp_on_conv1d_targets_equals_one_process_over_all_batches(runs):
+    """GPT-2's Conv1D gradients are (in, out): their fp32 sums are transposed views, which the all-reduce must
+    flatten as they lie in memory."""
+    from gora import GoraConfig, estimate_gora
+
+    rank0, rank1 = _load_ranks(runs, "gpt2")
+    _assert_same_state(rank0, rank1)
+    config = GoraConfig(num_steps=WORLD * STEPS, show_progress=False)
+    _assert_matches_single(rank0, estimate_gora(tiny_gpt2(), _gpt2_lora_config(), _gpt2_batches(), gora_config=config))
+
+
 def test_estimation_batches_shard_by_rank_so_ddp_equals_one_process_with_all_steps(runs):
     from gora import GoraConfig, estimate_gora
     from gora.trainer import estimation_batches
@@ -268,3 +376,25 @@ def test_a_rank_that_runs_out_of_batches_stops_every_rank_with_a_clear_error(run
     outcomes = [(runs / "short" / f"rank{rank}.txt").read_text() for rank in range(WORLD)]
     assert all(o.startswith("GoraDataError") for o in outcomes), outcomes
     assert all(f"gave {STEPS - 1} items" in o for o in outcomes), outcomes
+
+
+def test_a_ddp_wrapped_model_is_estimated_through_its_module_and_gives_the_unwrapped_state(runs):
+    for rank in range(WORLD):  # loss_fn gets the module inside the wrapper (DDP's reducer never runs)
+        record = json.loads((runs / "ddp_wrapped" / f"rank{rank}.json").read_text())
+        assert record == {"outcome": "ok", "loss_fn_saw": ["BertForSequenceClassification"]}, record
+    wrapped, plain = _load_ranks(runs, "ddp_wrapped"), _load_ranks(runs, "ddp")
+    _assert_same_state(wrapped[0], wrapped[1])
+    _assert_same_state(wrapped[0], plain[0])  # the same shards, unwrapped: bit-identical
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_a_nan_on_one_rank_stops_every_rank_together_with_the_models_restored(runs, dtype):
+    rank0, rank1 = (json.loads((runs / "nan" / f"rank{rank}.json").read_text())[dtype] for rank in range(WORLD))
+    assert rank1["outcome"].startswith("GoraNumericalError: the loss at estimation step 1 is nan"), rank1
+    assert rank0["outcome"].startswith("GoraNumericalError: estimation stopped on all 2 processes because rank 1 "
+                                       "found a NaN or Inf loss or gradient; see the GoraNumericalError raised on "
+                                       "rank 1"), rank0
+    expected_passes = 3 if dtype == "fp32" else 2  # fp32: flags read after step 2 (every 3 steps); fp16: at once
+    assert rank0["forward_passes"] == rank1["forward_passes"] == expected_passes
+    assert rank0["seconds"] < FAILURE_TIMEOUT / 2 and rank1["seconds"] < FAILURE_TIMEOUT / 2  # nobody waited
+    assert rank0["restored"] == rank1["restored"] == "restored"

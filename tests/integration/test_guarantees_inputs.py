@@ -164,14 +164,19 @@ def test_an_unsupported_layer_type_is_refused_before_any_forward_pass(tiny_bert)
     assert loss.calls == 0
 
 
+class Params4bit(nn.Parameter):
+    """Stands in for bitsandbytes' Params4bit: a Parameter subclass (recognised by its type, whatever its dtype)."""
+
+
 class Linear4bit(nn.Linear):
-    """Stands in for bitsandbytes' Linear4bit (recognised by its class name)."""
+    """Stands in for bitsandbytes' Linear4bit, whose weight is a Params4bit."""
 
 
 def _quantised_by_name(model):
     old = model.bert.encoder.layer[1].attention.self.value
     new = Linear4bit(old.in_features, old.out_features)
     new.load_state_dict(old.state_dict())
+    new.weight = Params4bit(new.weight.data, requires_grad=False)
     model.bert.encoder.layer[1].attention.self.value = new
 
 
