@@ -20,7 +20,7 @@ from .estimation import EstimationRun, LossFn, accumulation_device, layer_score,
 from .gamma_search import search_gamma
 from .importance import layer_importances
 from .initialization import draw_a, draw_omega, draw_pool, solve_c
-from .peft_bridge import apply_gora
+from .peft_bridge import apply_gora, check_not_wrapped
 from .state import GoraState
 from .targets import TargetLayer, resolve_targets, unwrap_model
 from .versions import package_versions
@@ -126,7 +126,12 @@ def get_gora_model(
     gora_config: GoraConfig | None = None,
     loss_fn: LossFn | None = None,
 ) -> PeftModel:
-    """``estimate_gora`` then ``apply_gora``: a plain ``peft.PeftModel`` ready for any training loop."""
+    """``estimate_gora`` then ``apply_gora``: a plain ``peft.PeftModel`` ready for any training loop.
+
+    Wrap the result for distributed training afterwards (DDP, ``accelerator.prepare``): a wrapped ``model`` is
+    refused before any estimation work, since ``apply_gora`` changes which parameters train.
+    """
+    check_not_wrapped(model)
     state = estimate_gora(model, lora_config, batches, gora_config=gora_config, loss_fn=loss_fn)
     return apply_gora(model, lora_config, state)
 

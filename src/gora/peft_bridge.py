@@ -81,6 +81,22 @@ def native_lora_config(lora_config: LoraConfig, state: GoraState, base: nn.Modul
 
 
 # -- checks ------------------------------------------------------------------------------------
+def check_not_wrapped(model: nn.Module) -> None:
+    """Refuse what ``get_peft_model`` must not wrap: a PeftModel, or a model inside a DDP/FSDP wrapper."""
+    if isinstance(model, PeftModel):
+        raise GoraTargetError("model is already a PeftModel; pass a freshly loaded base model, or "
+                              "peft_model.unload() (the base model without its adapters).")
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    if isinstance(model, (DistributedDataParallel, DataParallel, FullyShardedDataParallel)):
+        raise GoraTargetError(
+            f"model is wrapped in {type(model).__name__}; apply GoRA to the model itself (wrapper.module) and wrap "
+            "the PeftModel afterwards (e.g. accelerator.prepare(peft_model)), since the trainable parameters change."
+        )
+
+
+
 def check_state_fits(base: nn.Module, state: GoraState) -> None:
     """Refuse a state written for another model: every adapted name must exist with the same shape."""
     state.validate()
@@ -123,9 +139,7 @@ def apply_gora(
     if not isinstance(state, GoraState):
         raise GoraTypeError(f"state must be a GoraState, got {type(state).__name__}; "
                             "load a saved one with GoraState.load(directory).")
-    if isinstance(model, PeftModel):
-        raise GoraTargetError("model is already a PeftModel; pass a freshly loaded base model, or "
-                              "peft_model.unload() (the base model without its adapters).")
+    check_not_wrapped(model)
     if not state.adapted:
         raise GoraStateError("the state adapts no layer (every rank is 0); lower min_rank or check the targets.")
     if lora_config.use_dora:

@@ -138,7 +138,7 @@ def _ddp_wrapped_estimation(rank: int, workdir: Path) -> None:
     """The model passed inside DistributedDataParallel (as after accelerator.prepare), non-target weights trainable."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from gora import GoraConfig, estimate_gora
+    from gora import GoraConfig, GoraTargetError, apply_gora, estimate_gora, get_gora_model
     from test_hygiene import ModelSnapshot
 
     model = _tiny_bert()
@@ -158,10 +158,19 @@ def _ddp_wrapped_estimation(rank: int, workdir: Path) -> None:
         state.save(workdir / "ddp_wrapped" / f"rank{rank}")
     except Exception as error:
         outcome = f"{type(error).__name__}: {error}"
+    refusals = []
+    for call in (lambda: apply_gora(wrapped, _lora_config(), state),  # PEFT must wrap the model, not DDP
+                 lambda: get_gora_model(wrapped, _lora_config(), iter(()), loss_fn=loss_fn)):  # before any work
+        try:
+            call()
+            refusals.append("no error")
+        except GoraTargetError as error:
+            refusals.append(str(error))
     snapshot.assert_unchanged()
     (workdir / "ddp_wrapped").mkdir(exist_ok=True)
     (workdir / "ddp_wrapped" / f"rank{rank}.json").write_text(json.dumps({"outcome": outcome,
-                                                                          "loss_fn_saw": sorted(seen)}))
+                                                                          "loss_fn_saw": sorted(seen),
+                                                                          "refusals": refusals}))
 
 
 def _nan_on_one_rank(rank: int, workdir: Path) -> None:
@@ -381,7 +390,10 @@ def test_a_rank_that_runs_out_of_batches_stops_every_rank_with_a_clear_error(run
 def test_a_ddp_wrapped_model_is_estimated_through_its_module_and_gives_the_unwrapped_state(runs):
     for rank in range(WORLD):  # loss_fn gets the module inside the wrapper (DDP's reducer never runs)
         record = json.loads((runs / "ddp_wrapped" / f"rank{rank}.json").read_text())
+        refusals = record.pop("refusals")
         assert record == {"outcome": "ok", "loss_fn_saw": ["BertForSequenceClassification"]}, record
+        assert len(refusals) == 2 and all("wrapped in DistributedDataParallel; apply GoRA to the model itself"
+                                          in message for message in refusals), refusals
     wrapped, plain = _load_ranks(runs, "ddp_wrapped"), _load_ranks(runs, "ddp")
     _assert_same_state(wrapped[0], wrapped[1])
     _assert_same_state(wrapped[0], plain[0])  # the same shards, unwrapped: bit-identical
