@@ -86,39 +86,54 @@ def run_loraga(model: nn.Module, targets: list[str], batches: list[dict]) -> lis
 class OfficialStyleEstimator:
     """BASELINE, NOT THIS LIBRARY: gradient capture in the style of the official GoRA code (hhnqqq/MyTransformers).
 
-    One hook per target weight copies every gradient to the CPU in the parameter dtype and keeps all of them
-    (host memory grows as N × 2-4 B per target parameter); after the loop they are summed in the parameter
-    dtype and divided by N. Post-accumulate hooks are used so the last layer is caught (the official code's
-    pre-accumulation hooks lose it).
+    As the shared spec's traps 2 and 12 describe it: every target weight keeps a running sum on the CPU in the
+    parameter dtype (bf16 sums for a bf16 model: ``stored += grad.cpu()``), and each hook sweeps all of the model's
+    parameters for completed gradients (a Python loop over every parameter, per hook) after a
+    ``torch.cuda.synchronize()`` on a GPU. Sums are divided by N at the end. Post-accumulate hooks are used, so the
+    last layer is caught (the official pre-accumulation hooks lose it), and there is no per-step all-reduce (one
+    process). Results made before this version kept all N gradient copies instead of one running sum and did not
+    sweep or synchronise (more memory, less time than the official code): their READMEs say so.
     """
 
     def __init__(self, model: nn.Module, targets: list[str]) -> None:
         self.model = model
         self.layers = resolve_targets(model, lora_config(targets))[0]
-        self.stored: dict[str, list[torch.Tensor]] = {t.name: [] for t in self.layers}
+        self.stored: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {t.name: 0 for t in self.layers}
+        self._names: dict[int, str] = {id(t.weight): t.name for t in self.layers}
+        self._params: list[torch.Tensor] = []
 
     def run(self, batches: list[dict]) -> dict[str, torch.Tensor]:
         saved = [(p, p.requires_grad) for p in self.model.parameters()]
         handles = []
         try:
             only_targets_require_grad(self.model, [t.name for t in self.layers])
+            self._params = list(self.model.parameters())
             for layer in self.layers:
-                handles.append(layer.weight.register_post_accumulate_grad_hook(self._hook(layer.name)))
+                handles.append(layer.weight.register_post_accumulate_grad_hook(self._hook))
             for batch in batches:
                 self.model(**batch).loss.backward()
-            return {name: sum(grads[1:], grads[0].clone()) / len(grads) for name, grads in self.stored.items() if grads}
+            return {name: total / self.counts[name] for name, total in self.stored.items()}
         finally:
             for handle in handles:
                 handle.remove()
             for param, flag in saved:
                 param.requires_grad_(flag)
 
-    def _hook(self, name: str) -> Callable:
-        def hook(param: torch.Tensor) -> None:
-            self.stored[name].append(param.grad.detach().to("cpu", copy=True))  # parameter dtype, kept
-            param.grad = None
-
-        return hook
+    def _hook(self, param: torch.Tensor) -> None:
+        if param.is_cuda:
+            torch.cuda.synchronize()
+        for p in self._params:  # the sweep over every parameter, in every hook
+            if p.grad is None:
+                continue
+            name = self._names[id(p)]
+            grad = p.grad.detach().to("cpu")  # parameter dtype
+            if name in self.stored:
+                self.stored[name].add_(grad)  # summed in the parameter dtype (bf16 for a bf16 model)
+            else:
+                self.stored[name] = grad.clone() if grad.data_ptr() == p.grad.data_ptr() else grad
+            self.counts[name] += 1
+            p.grad = None
 
 
 def run_official(model: nn.Module, targets: list[str], batches: list[dict]) -> object:

@@ -11,7 +11,7 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks" / "estimation_cost"
 
 @pytest.fixture(scope="module")
 def scripts():
-    names = ("env", "run", "models", "report", "dispatch", "host_add", "host_overhead")
+    names = ("env", "run", "models", "methods", "report", "dispatch", "host_add", "host_overhead")
     sys.path.insert(0, str(SCRIPTS))  # the scripts import each other by name, as they do when run
     try:
         yield {name: importlib.import_module(name) for name in names}
@@ -110,7 +110,7 @@ def test_memory_guard_charges_what_each_method_keeps(scripts):
     need = {m: scripts["run"].predicted_host_bytes({"size": "llama-3.2-3b", "dtype": "float32", "method": m,
                                                     "steps": 2}) for m in ("lora", "gora", "official")}
     assert need["gora"] - need["lora"] == 4 * targets  # fp32 sums
-    assert need["official"] - need["lora"] == 3 * 4 * targets  # N copies and their mean, in the parameter dtype
+    assert need["official"] - need["lora"] == 2 * 4 * targets  # its running sums and one copy, parameter dtype
 
 
 def _scale_record(scripts, method: str, size: str, params: float, steps: int, ratios: list[float] | None) -> dict:
@@ -146,3 +146,27 @@ def test_host_overhead_times_every_variant_and_restores_the_budget(scripts):
     for name in ("floor", "drop_hook", "gora_per_hook", "gora_batched", "gora_accelerator_budget"):
         assert len(record["seconds"][name]) == 2 and record[f"{name}_us_per_step"] > 0
     assert record["floor_us_per_layer_over_floor"] == 0.0
+
+
+def test_official_style_baseline_keeps_one_running_sum_and_sweeps_every_parameter(scripts):
+    """The baseline must be what it names: one sum per weight in the parameter dtype (not N copies) and a sweep over
+    all parameters in every hook; its mean equals plain autograd's."""
+    import torch
+    from conftest import make_bert_batches
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=64)).eval()
+    batches = make_bert_batches(3)
+    targets = ["query", "value"]
+    means, estimator = scripts["methods"].run_official(model, targets, batches)
+    assert all(isinstance(total, torch.Tensor) for total in estimator.stored.values())  # one tensor, not a list
+    assert set(estimator.counts.values()) == {3} and len(estimator._params) == len(list(model.parameters()))
+    for layer in estimator.layers:
+        reference = torch.zeros_like(layer.weight, dtype=torch.float64)
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            reference += layer.weight.grad.double() / 3
+        torch.testing.assert_close(means[layer.name].double(), reference, rtol=1e-5, atol=1e-8)
