@@ -66,7 +66,7 @@ def estimate_gora(
     if isinstance(batches, Mapping):
         raise GoraDataError("batches is a single batch (a dict); pass an iterable of batches, e.g. a list of "
                             f"{config.num_steps} dicts or a DataLoader.")
-    _check_length(batches, config)
+    _check_length(batches, config, held_out=config.adaptive_gamma and eval_batches is None)
     min_rank, max_rank = config.rank_bounds(lora_config.r)
     model = distributed.local_module(model)  # never through DDP's reducer: the sums are all-reduced after the loop
     base = unwrap_model(model)
@@ -137,12 +137,17 @@ def get_gora_model(
 
 
 # -- steps of estimate_gora ------------------------------------------------------------------------
-def _check_length(batches: Iterable, config: GoraConfig) -> None:
-    """Refuse a sized iterable that is too short before any work is done."""
+def _check_length(batches: Iterable, config: GoraConfig, held_out: bool = False) -> None:
+    """Refuse a sized iterable that is too short before any work is done (``held_out``: adaptive γ takes its
+    ``gamma_batches`` from the same iterable, after the estimation batches)."""
     try:
         length = len(batches)  # type: ignore[arg-type]
     except TypeError:
         return
+    if held_out and not config.adaptive_steps and length <= config.num_steps:
+        raise GoraDataError(f"the batches hold {length} items, but adaptive_gamma needs held-out batches after the "
+                            f"{config.num_steps} estimation batches; pass eval_batches=..., or "
+                            f"{config.gamma_batches} more batches (gamma_batches).")
     if length == 0:
         raise GoraDataError("the batches are empty: estimate_gora needs at least one batch (num_steps of them).")
     least = min(config.min_steps, config.num_steps)

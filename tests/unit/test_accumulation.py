@@ -156,3 +156,16 @@ def test_a_layer_reused_in_two_checkpointed_segments_counts_each_step_once():
             reference += t.weight.grad.double() / 3
         assert run.sums[t.name].count == 3, t.name
         torch.testing.assert_close(run.sums[t.name].grad.double() / 3, reference, rtol=1e-5, atol=1e-8)
+
+
+def test_summary_lists_a_layer_without_gradient_once_with_its_reason(tiny_bert):
+    from gora import estimate_gora
+
+    def loss_fn(model, batch):  # the pooler's output is never used: its layer gets no gradient
+        return model.bert(input_ids=batch["input_ids"]).last_hidden_state.pow(2).mean()
+
+    state = estimate_gora(tiny_bert, LoraConfig(r=4, target_modules=["query", "pooler.dense"]), make_bert_batches(2),
+                          gora_config=GoraConfig(num_steps=2, show_progress=False), loss_fn=loss_fn)
+    rows = [row for row in state.summary().splitlines() if row.startswith("bert.pooler.dense ")]
+    assert state.ranks["bert.pooler.dense"] == 0 and state.skipped["bert.pooler.dense"] == "no gradient"
+    assert len(rows) == 1 and "skipped: no gradient" in rows[0]

@@ -120,6 +120,21 @@ def test_adaptive_gamma_takes_the_batches_after_the_estimation_batches_by_defaul
     assert state.gamma == 0.0  # only the mirrored tail was scored
 
 
+def test_adaptive_gamma_without_room_for_held_out_batches_is_refused_before_any_work():
+    from gora.errors import GoraDataError
+
+    calls = []
+
+    def counting(model, batch):
+        calls.append(1)
+        return _loss(model, batch)
+
+    with pytest.raises(GoraDataError, match="adaptive_gamma needs held-out batches after the 8 estimation batches"):
+        estimate_gora(_mlp(), LORA, _regression_batches(8, seed=4), loss_fn=counting,
+                      gora_config=_config(adaptive_gamma=True, gamma_batches=2))
+    assert calls == []  # refused up front, not after the estimation passes
+
+
 def test_adaptive_gamma_scores_in_eval_mode_and_restores_the_model():
     model = _mlp(dropout=0.5).train()  # dropout would make every held-out loss random
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
