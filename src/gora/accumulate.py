@@ -30,6 +30,7 @@ model's own gradient checkpointing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -515,7 +516,7 @@ class GradientCheckpointing:
         for block in blocks:
             if not block.training:  # in train mode Hugging Face's own __call__ checkpoints it
                 self._wrapped.append((block, block.__dict__.get("forward")))
-                block.forward = _checkpointed(block.forward)
+                block.forward = _checkpointed(block.forward, block._gradient_checkpointing_func)
         return len(blocks)
 
     def _restore(self) -> None:
@@ -545,10 +546,10 @@ class GradientCheckpointing:
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
-def _checkpointed(forward):
-    """``forward`` run under non-reentrant checkpointing, without a cache (as ``GradientCheckpointingLayer`` does in
-    train mode: a cache would be written twice, once more by the recomputation)."""
-    from torch.utils.checkpoint import checkpoint
+def _checkpointed(forward, checkpoint):
+    """``forward`` run through the block's own ``_gradient_checkpointing_func`` (set by
+    ``gradient_checkpointing_enable``) without a cache, as ``GradientCheckpointingLayer.__call__`` does in train
+    mode: a cache would be written twice, once more by the recomputation."""
 
     def checkpointed_forward(*args, **kwargs):
         if kwargs.get("use_cache"):
@@ -556,6 +557,6 @@ def _checkpointed(forward):
         for name in _CACHE_KWARGS:
             if kwargs.get(name) is not None:
                 kwargs[name] = None
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(functools.partial(forward, **kwargs), *args)
 
     return checkpointed_forward

@@ -16,7 +16,15 @@ from .accumulate import LayerSums, SketchOperators
 from .allocation import allocate_ranks
 from .config import GoraConfig, check_gora_config, check_lora_config
 from .errors import GoraDataError
-from .estimation import EstimationRun, LossFn, accumulation_device, layer_score, model_device, run_estimation
+from .estimation import (
+    EstimationRun,
+    LossFn,
+    accumulation_device,
+    layer_score,
+    model_device,
+    run_estimation,
+    too_few_batches,
+)
 from .gamma_search import search_gamma
 from .importance import layer_importances
 from .initialization import draw_a, draw_omega, draw_pool, solve_c
@@ -148,16 +156,8 @@ def _check_length(batches: Iterable, config: GoraConfig, held_out: bool = False)
         raise GoraDataError(f"the batches hold {length} items, but adaptive_gamma needs held-out batches after the "
                             f"{config.num_steps} estimation batches; pass eval_batches=..., or "
                             f"{config.gamma_batches} more batches (gamma_batches).")
-    if length == 0:
-        raise GoraDataError("the batches are empty: estimate_gora needs at least one batch (num_steps of them).")
-    least = min(config.min_steps, config.num_steps)
-    if config.adaptive_steps and length < least:  # num_steps is only the cap of adaptive steps
-        raise GoraDataError(f"the batches hold {length} items but adaptive steps need at least "
-                            f"min_steps={config.min_steps} (num_steps={config.num_steps} is the cap); pass at least "
-                            f"{least} batches, or set GoraConfig(min_steps={length}).")
-    if not config.adaptive_steps and length < config.num_steps:
-        raise GoraDataError(f"the batches hold {length} items but num_steps={config.num_steps}; pass at least "
-                            f"{config.num_steps} batches, or set GoraConfig(num_steps={length}).")
+    if length < config.least_steps:
+        raise too_few_batches(length, config, f"hold {length} items")
 
 
 def _sketch_operators(pool: ThreadPoolExecutor, targets: list[TargetLayer], a_draws: dict[str, Future],

@@ -21,7 +21,6 @@ from .errors import GoraConfigError, GoraDataError, GoraError, GoraStateError, G
 logger = logging.getLogger("gora.cli")
 PASSTHROUGH = ("bench", "demo")  # verbs whose options belong to gora.bench
 STATE_FILE, SIDECAR_FILE, ADAPTER_CONFIG = "gora_state.json", "gora_config.json", "adapter_config.json"
-STATE_FILES = (STATE_FILE, "gora_state.safetensors")  # what GoraState.save writes
 MODEL_CLASSES = {"seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
 PEFT_TO_TASK = {"SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm"}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -139,8 +138,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     model_dir = _model_dir(args.model)
     _check_max_length(model_dir, args.max_length)
     _check_device(args.device)
-    _check_not_model(args.output, model_dir)
-    check_output_directory(args.output, STATE_FILES)  # refused now, not after minutes of estimation
+    _check_not_an_input(args.output, model_dir)
+    from .state import META_FILE, TENSOR_FILE
+
+    check_output_directory(args.output, (META_FILE, TENSOR_FILE))  # refused now, not after minutes of estimation
     data = load_text_data(args.data, args.task)  # cheap checks first: the heavy imports come after
     lora = {"r": args.r, "lora_alpha": args.alpha, "target_modules": _targets(args.targets),
             "task_type": PEFT_TASK_TYPES[data.task]}
@@ -190,9 +191,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     source = Path(args.source)
     model_dir = _model_dir(args.model)
-    _check_not_model(args.output, model_dir)
-    if Path(args.output).resolve() == source.resolve():
-        raise GoraStateError(f"-o {args.output} is the source directory; write the export to another directory.")
+    _check_not_an_input(args.output, model_dir, source)
     check_output_directory(args.output, expected=None)  # a file or an unwritable place: refused before loading
     if (source / STATE_FILE).is_file():
         peft_model, state, task = _model_from_state(model_dir, source, args)
@@ -272,9 +271,12 @@ def _model_dir(path: str) -> Path:
     return model_dir
 
 
-def _check_not_model(output: str, model_dir: Path) -> None:
-    if Path(output).resolve() == model_dir.resolve():
-        raise GoraStateError(f"-o {output} is the base model's directory; write to another directory.")
+def _check_not_an_input(output: str, model_dir: Path, source: Path | None = None) -> None:
+    """Refuse an output that is the base model's directory or the source being exported."""
+    resolved = Path(output).resolve()
+    for role, path in (("the base model's", model_dir), ("the source", source)):
+        if path is not None and resolved == path.resolve():
+            raise GoraStateError(f"-o {output} is {role} directory; write to another directory.")
 
 
 def _check_max_length(model_dir: Path, max_length: int) -> None:
@@ -321,8 +323,7 @@ def _load_model(model_dir: Path, task: str, label_names: list[str], dtype: str, 
     import torch
     import transformers
 
-    _check_device(device)
-    if device == "auto":
+    if device == "auto":  # checked by _check_device before anything loads
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model_class = getattr(transformers, MODEL_CLASSES[task])
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}

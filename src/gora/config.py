@@ -178,6 +178,12 @@ class GoraConfig:
             )
         return min_rank, max_rank
 
+    @property
+    def least_steps(self) -> int:
+        """Steps estimation needs at least: ``num_steps``, or for adaptive steps (where ``num_steps`` is the cap)
+        ``min(min_steps, num_steps)``."""
+        return min(self.min_steps, self.num_steps) if self.adaptive_steps else self.num_steps
+
     def resolved_gamma_grid(self) -> list[float]:
         return list(self.gamma_grid) if self.gamma_grid is not None else default_gamma_grid()
 

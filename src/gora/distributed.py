@@ -69,12 +69,7 @@ def all_reduce_counts(counts: list[int]) -> list[int]:
 
 def any_process(flag: bool) -> bool:
     """True if ``flag`` is True on any process (MAX all-reduce), e.g. "not converged yet"."""
-    if not is_distributed():
-        return flag
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    tensor = tensor.to(_collective_device(tensor))
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+    return bool(processes_where(flag))
 
 
 def processes_where(flag: bool) -> list[int]:

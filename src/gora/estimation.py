@@ -85,6 +85,19 @@ def _rebuild_mapping(batch: Mapping, items: dict) -> Mapping:
         return items
 
 
+def too_few_batches(count: int, config: GoraConfig, gave: str, per: str = "") -> GoraDataError:
+    """The error for ``count`` batches when ``config`` needs :attr:`GoraConfig.least_steps` (up front, or after the
+    loop: ``gave`` says which, e.g. "hold 3 items")."""
+    if count == 0:
+        return GoraDataError("the batches are empty: estimate_gora needs at least one batch (num_steps of them).")
+    if config.adaptive_steps:  # num_steps is only the cap of adaptive steps
+        return GoraDataError(f"the batches {gave} but adaptive steps need at least min_steps={config.min_steps} "
+                             f"(num_steps={config.num_steps} is the cap); pass at least {config.least_steps} "
+                             f"batches{per}, or set GoraConfig(min_steps={count}).")
+    return GoraDataError(f"the batches {gave} but num_steps={config.num_steps}; pass at least {config.num_steps} "
+                         f"batches{per}, or set GoraConfig(num_steps={count}).")
+
+
 def batch_size(batch: Any) -> int:
     """Leading dimension of the batch's first tensor (``input_ids`` first if present); 1 if none."""
     if isinstance(batch, Mapping):
@@ -330,25 +343,14 @@ def run_estimation(
         _raise_first_failure(accumulator)
     ran_out = steps < config.num_steps and "adaptive_steps_stopped_at" not in notes
     where = " (on the process with the fewest batches)" if distributed.is_distributed() else ""
-    least = min(config.min_steps, config.num_steps)  # adaptive steps never stop earlier
-    if ran_out and config.adaptive_steps and steps >= least:
+    if ran_out and config.adaptive_steps and steps >= config.least_steps:
         # num_steps is only the cap of adaptive steps: the batches running out after min_steps is a normal stop
         notes["adaptive_steps_ran_out_at"] = steps
         logger.warning("adaptive steps: the batches ran out after %d steps%s, before importance converged "
                        "(num_steps=%d is the cap); the estimate uses those %d steps", steps, where,
                        config.num_steps, steps)
-    elif ran_out and config.adaptive_steps and steps:
-        raise GoraDataError(
-            f"the batches gave {steps} items{where} but adaptive steps need at least min_steps={config.min_steps} "
-            f"(num_steps={config.num_steps} is the cap); pass at least {least} batches per process, or "
-            f"set GoraConfig(min_steps={steps})."
-        )
     elif ran_out:
-        raise GoraDataError(
-            f"the batches gave {steps} items{where} but num_steps={config.num_steps}; pass at least "
-            f"{config.num_steps} batches per process, or set GoraConfig(num_steps={max(steps, 1)})."
-            if steps else "the batches are empty: estimate_gora needs at least one batch (num_steps of them)."
-        )
+        raise too_few_batches(steps, config, f"gave {steps} items{where}", " per process")
     if fp16:
         notes["fp16_final_loss_scale"] = scale
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"

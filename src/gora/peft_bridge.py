@@ -169,7 +169,10 @@ def apply_gora(
 
 
 def _warn_other_targets(base: nn.Module, lora_config: LoraConfig, state: GoraState) -> None:
-    """The state's layers are adapted whatever ``target_modules`` says: say so when the two disagree."""
+    """The state's layers are adapted whatever ``target_modules`` says: say so when the two disagree.
+
+    Matched with PEFT's rule directly, not ``resolve_targets``: that refuses quantised layers, and QGoRA applies a
+    state to a quantised model."""
     config = expanded_lora_config(base, lora_config)
     unmatched = [name for name in state.adapted if not is_target(config, name)]
     unknown = [name for name, module in base.named_modules()
@@ -262,8 +265,9 @@ def export_adapter(
             if config.modules_to_save:
                 logger.warning("the adapter carries modules_to_save %s: vanilla PEFT needs them, vLLM rejects them.",
                                sorted(config.modules_to_save))
+            r_max = max(r for r, _ in layers.values())
             logger.warning("portable adapter with ranks up to %d: vLLM refuses it unless served with "
-                           "--max-lora-rank >= %d", *[max(r for r, _ in layers.values())] * 2)
+                           "--max-lora-rank >= %d", r_max, r_max)
         _write_sidecar(saved / SIDECAR_FILE, layers, state, portable)
     return Path(path)
 
