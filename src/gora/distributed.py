@@ -68,8 +68,14 @@ def all_reduce_counts(counts: list[int]) -> list[int]:
 
 
 def any_process(flag: bool) -> bool:
-    """True if ``flag`` is True on any process (MAX all-reduce), e.g. "not converged yet"."""
-    return bool(processes_where(flag))
+    """True if ``flag`` is True on any process (MAX all-reduce of one flag), e.g. "not converged yet"; run every
+    step, so it stays one integer rather than :func:`processes_where`'s one per process."""
+    if not is_distributed():
+        return flag
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    tensor = tensor.to(_collective_device(tensor))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 def processes_where(flag: bool) -> list[int]:

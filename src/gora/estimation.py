@@ -55,7 +55,8 @@ def check_device(name: str) -> torch.device:
     try:
         device = resolve_device(name)
     except (RuntimeError, TypeError, ValueError) as err:
-        raise GoraConfigError(f"--device {name!r} is not a device ({err}); pass auto, cpu, cuda or cuda:N.") from None
+        raise GoraConfigError(f"--device {name!r} is not a device ({name!r} is not a torch device: {err}); pass auto, "
+                              "cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GoraConfigError(f"--device {name} asks for CUDA but torch sees no CUDA GPU here; "
                               "pass --device auto or cpu.")
