@@ -91,8 +91,10 @@ class OfficialStyleEstimator:
     parameters for completed gradients (a Python loop over every parameter, per hook) after a
     ``torch.cuda.synchronize()`` on a GPU. Sums are divided by N at the end. Post-accumulate hooks are used, so the
     last layer is caught (the official pre-accumulation hooks lose it), and there is no per-step all-reduce (one
-    process). Results made before this version kept all N gradient copies instead of one running sum and did not
-    sweep or synchronise (more memory, less time than the official code): their READMEs say so.
+    process). Results made before d531716 kept all N gradient copies instead of one running sum and did not
+    sweep or synchronise (more memory, less time than the official code): their READMEs say so. In
+    ``../results/cpu/official-baseline-rerun/`` the means were still new tensors made while every sum was alive (a
+    second copy at the end, more memory than the ``/=`` in place used since).
     """
 
     def __init__(self, model: nn.Module, targets: list[str]) -> None:
@@ -113,7 +115,9 @@ class OfficialStyleEstimator:
                 handles.append(layer.weight.register_post_accumulate_grad_hook(self._hook))
             for batch in batches:
                 self.model(**batch).loss.backward()
-            return {name: total / self.counts[name] for name, total in self.stored.items()}
+            for name, total in self.stored.items():  # the mean in place: no second copy of every sum
+                total.div_(self.counts[name])
+            return self.stored
         finally:
             for handle in handles:
                 handle.remove()

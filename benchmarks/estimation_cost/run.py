@@ -135,7 +135,7 @@ def predicted_host_bytes(spec: dict) -> int:
     params, targets = models.parameter_count(models.SHAPES[spec["size"]])
     width = 2 if spec["dtype"] in ("bfloat16", "float16") else 4
     extra = {"gora": 4 * targets, "floor": width * targets, "loraga": width * targets,
-             "official": 2 * width * targets, "gora_vs_lora": params * width}  # official: its sums and a copy
+             "official": width * targets, "gora_vs_lora": params * width}  # official: its sums, parameter dtype
     return int(params * width * 1.15 + extra.get(spec["method"], 0) + 1.5 * 2**30)
 
 
