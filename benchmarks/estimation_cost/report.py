@@ -156,6 +156,16 @@ COLORS = {"lora": "black", "floor": "grey", "gora": "tab:blue", "gora_sketch": "
           "gora_offload": "tab:purple", "gora_ondevice": "tab:blue", "loraga": "tab:orange", "official": "tab:red"}
 
 
+def _plain_log_ticks(axis, at: list[float] | None) -> None:
+    """Label a log axis in plain numbers: major ticks ``at`` the given values (else at 1, 2, 5 × 10^k), minor ones
+    unlabelled."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(FixedLocator(at) if at else LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}" if value < 100 else f"{value:.0f}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot(out: Path, records: list[dict]) -> Path | None:
     rows = _ok(records, section="scale")
     if not rows:
@@ -193,6 +203,10 @@ def plot(out: Path, records: list[dict]) -> Path | None:
     axes[1].axhline(TIME_TARGET, color="grey", ls="--", lw=1)
     axes[1].set(xscale="log", xlabel="model parameters (M)", ylabel="time ÷ floor (N fwd+bwd)",
                 title=f"Time ÷ floor ({rounds_text})")
+    measured = sorted({r["params"] / 1e6 for r in rows})
+    for ax in axes[:2]:  # ticks at the measured sizes, in plain numbers (log-scale minor labels overlap)
+        _plain_log_ticks(ax.xaxis, measured)
+    _plain_log_ticks(axes[0].yaxis, None)
     if counts[sweep_size] > 1:
         for method in ("lora", "gora", "gora_sketch", "official"):
             points = sorted((r["steps"], r.get("host_peak_rss_bytes"), _peak(r)) for r in rows
