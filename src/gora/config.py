@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -194,11 +196,34 @@ class GoraConfig:
     def from_dict(cls, data: dict[str, Any]) -> "GoraConfig":
         if not isinstance(data, dict):
             raise GoraConfigTypeError(f"GoraConfig.from_dict needs a dict, got {type(data).__name__}.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise GoraConfigError(f"unknown GoraConfig fields {unknown}; known fields are {sorted(known)}.")
+        refuse_unknown_fields(data, GoraConfigError)
         return cls(**data)
+
+
+def refuse_unknown_fields(names: Any, error: type[GoraConfigError]) -> None:
+    """Raise ``error`` naming every unknown GoraConfig field, with the closest known name where one is close."""
+    known = [f.name for f in dataclasses.fields(GoraConfig)]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        close = {name: match[0] for name in unknown if (match := difflib.get_close_matches(name, known, 1))}
+        hint = "".join(f" {meant!r} for {name!r}," for name, meant in close.items())
+        hint = f" Did you mean{hint.rstrip(',')}?" if close else ""
+        raise error(f"unknown GoraConfig fields {unknown};{hint} known fields are {sorted(known)}.")
+
+
+def _checked_init(init: Any) -> Any:
+    """The dataclass ``__init__``, refusing unknown keyword arguments as a GoraConfigTypeError (a TypeError, as
+    Python's own refusal is) that suggests the field meant: ``GoraConfig(num_step=8)`` → ``num_steps``."""
+
+    @functools.wraps(init)
+    def __init__(self: GoraConfig, *args: Any, **kwargs: Any) -> None:
+        refuse_unknown_fields(kwargs, GoraConfigTypeError)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+GoraConfig.__init__ = _checked_init(GoraConfig.__init__)  # type: ignore[method-assign]
 
 
 def check_gora_config(gora_config: Any) -> GoraConfig:

@@ -1,5 +1,6 @@
 """GoraConfig and LoraConfig validation: every bad value is refused at construction, with a gora error."""
 
+import inspect
 import math
 
 import pytest
@@ -123,6 +124,20 @@ def test_from_dict_round_trips_and_refuses_unknown_fields():
         GoraConfig.from_dict([("num_steps", 4)])
     with pytest.raises(GoraConfigError, match="num_steps must be >= 1"):
         GoraConfig.from_dict({"num_steps": 0})
+
+
+def test_unknown_keyword_is_a_gora_type_error_that_names_the_field_meant():
+    with pytest.raises(GoraConfigTypeError, match=r"unknown GoraConfig fields \['num_step'\]; Did you mean "
+                                                  r"'num_steps' for 'num_step'\?") as caught:
+        GoraConfig(num_step=8)
+    assert isinstance(caught.value, TypeError) and isinstance(caught.value, GoraError)  # as Python's own refusal
+    with pytest.raises(GoraConfigTypeError, match=r"\['gama', 'zzz'\]; Did you mean 'gamma' for 'gama'\? known"):
+        GoraConfig(gama=0.1, zzz=1)
+    with pytest.raises(GoraConfigError, match=r"\['xyz_qq'\]; known fields"):  # nothing close: no suggestion
+        GoraConfig.from_dict({"xyz_qq": 1})
+    config = GoraConfig(8, gamma=0.01)  # positional and keyword arguments still reach the dataclass
+    assert (config.num_steps, config.gamma) == (8, 0.01)
+    assert "num_steps" in str(inspect.signature(GoraConfig))  # the signature stays readable
 
 
 def test_check_gora_config_accepts_none_and_refuses_a_dict():
