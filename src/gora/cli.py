@@ -11,16 +11,19 @@ import argparse
 import importlib
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from .atomic import RANK_PLOT_FILE, atomic_directory, check_output_directory
+from .atomic import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, RANK_PLOT_FILE, SIDECAR_FILE, atomic_directory,
+                     check_output_directory)
 from .errors import GoraConfigError, GoraDataError, GoraError, GoraStateError, GoraUnsupportedError
 
 logger = logging.getLogger("gora.cli")
 PASSTHROUGH = ("bench", "demo")  # verbs whose options belong to gora.bench
-STATE_FILE, SIDECAR_FILE, ADAPTER_CONFIG = "gora_state.json", "gora_config.json", "adapter_config.json"
+STATE_FILE = "gora_state.json"
+SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
 MODEL_CLASSES = {"seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
 PEFT_TO_TASK = {"SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm"}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -183,6 +186,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         try:
             target = plot_ranks({n: r for n, r in info["ranks"].items() if r > 0}, target,
                                 title=f"GoRA ranks: {path.name}")
+        except GoraUnsupportedError as error:  # no matplotlib: the default plot is skipped, an asked-for one fails
+            if args.plot:
+                raise
+            print(f"rank plot skipped: {error}", file=sys.stderr)
+            return 0
         except OSError as error:
             raise GoraStateError(f"cannot write the rank plot to {target} ({error.strerror or error}); pass "
                                  "--plot PATH in a directory you can write to, or --no-plot.") from error
@@ -194,7 +202,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     source = Path(args.source)
     model_dir = _model_dir(args.model)
     _check_not_an_input(args.output, model_dir, source)
-    check_output_directory(args.output, expected=None)  # a file or an unwritable place: refused before loading
+    check_output_directory(args.output, _export_names(args.form, model_dir, Path(args.output)))  # before loading
     if (source / STATE_FILE).is_file():
         peft_model, state, task = _model_from_state(model_dir, source, args)
     elif (source / ADAPTER_CONFIG).is_file():
@@ -385,6 +393,20 @@ def _saved_head_classes(source: Path, adapter: dict[str, Any]) -> int | None:
             if key.endswith(heads) and len(shape) == 2:
                 return int(shape[0])
     return None
+
+
+def _export_names(form: str, model_dir: Path, output: Path) -> set[str]:
+    """What an export of this form may write, so that a directory holding anything else is refused before the model
+    loads. Generous for a merged model (its weights' and tokenizer's file names depend on the model): the exact check
+    runs again when the export is written."""
+    if form != "merged":
+        return {ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR_FILE, "README.md"}
+    names = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+             "special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja", *TOKENIZER_FILES}
+    names |= {entry.name for entry in model_dir.iterdir()}  # the tokenizer's files keep the base model's names
+    if output.is_dir():  # shards of a previous merged export
+        names |= {entry.name for entry in output.iterdir() if SHARD_NAME.fullmatch(entry.name)}
+    return names
 
 
 def _save_tokenizer(model_dir: Path, output: str) -> None:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .atomic import atomic_directory
+from .atomic import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR_FILE, atomic_directory
 from .config import check_lora_config
 from .errors import GoraStateError, GoraTargetError, GoraTypeError, GoraUnsupportedError
 from .initialization import b_from_c
@@ -35,10 +35,7 @@ from .versions import package_versions
 
 logger = logging.getLogger(__name__)
 
-SIDECAR_FILE = "gora_config.json"
 SIDECAR_VERSION = 1
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 _STATES: "weakref.WeakKeyDictionary[nn.Module, GoraState]" = weakref.WeakKeyDictionary()
 
 

@@ -240,6 +240,22 @@ def test_init_refuses_bad_options_before_loading_or_estimating(files, tmp_path, 
     assert _tree(tmp_path) == before and not (tmp_path / "state").exists()
 
 
+@pytest.mark.parametrize("form", ["--portable", "--native", "--merged"])
+def test_export_refuses_a_directory_with_other_files_before_loading_the_model(files, tmp_path, monkeypatch, capsys,
+                                                                             form):
+    from gora import cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was refused")
+
+    monkeypatch.setattr(cli, "_model_from_state", never)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep")
+    assert main(["export", str(files / "bert"), str(files / "state"), "-o", str(tmp_path / "busy"), form]) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
+
+
 def test_inspect_names_the_plot_it_writes_and_refuses_an_unwritable_place(files, tmp_path, capsys):
     assert main(["inspect", str(files / "state"), "--plot", str(tmp_path / "ranks")]) == 0
     assert f"wrote rank plot to {tmp_path / 'ranks.png'}" in capsys.readouterr().out

@@ -121,6 +121,18 @@ def test_inspect_prints_the_sidecar_rank_table_and_budget(tmp_path, capsys):
     assert "ranks 6..10 over 2 layers" in out
 
 
+def test_inspect_without_matplotlib_skips_the_default_plot_and_refuses_an_asked_for_one(tmp_path, monkeypatch,
+                                                                                         capsys):
+    (tmp_path / "gora_config.json").write_text(json.dumps({"ranks": {"model.layers.0.q_proj": 6}}))
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # import fails: not installed
+    assert cli.main(["inspect", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "model.layers.0.q_proj" in captured.out and "rank plot skipped" in captured.err
+    assert "needs matplotlib" in captured.err and not (tmp_path / "gora_ranks.png").exists()
+    assert cli.main(["inspect", str(tmp_path), "--plot", str(tmp_path / "r.png")]) == 2
+    assert "needs matplotlib" in capsys.readouterr().err and not (tmp_path / "r.png").exists()
+
+
 def _fake_bench(monkeypatch, main):
     module = types.ModuleType("gora.bench.cli")
     if main is not None:
