@@ -15,7 +15,7 @@ from . import distributed
 from .accumulate import LayerSums, SketchOperators
 from .allocation import allocate_ranks
 from .config import GoraConfig, check_gora_config, check_lora_config
-from .errors import GoraDataError
+from .errors import GoraDataError, GoraTypeError
 from .estimation import (
     EstimationRun,
     LossFn,
@@ -74,6 +74,9 @@ def estimate_gora(
     if isinstance(batches, Mapping):
         raise GoraDataError("batches is a single batch (a dict); pass an iterable of batches, e.g. a list of "
                             f"{config.num_steps} dicts or a DataLoader.")
+    if loss_fn is not None and not callable(loss_fn):
+        raise GoraTypeError(f"loss_fn must be a function loss_fn(model, batch) -> scalar loss (or None for "
+                            f"model(**batch).loss), got {type(loss_fn).__name__}.")
     _check_length(batches, config, held_out=config.adaptive_gamma and eval_batches is None)
     min_rank, max_rank = config.rank_bounds(lora_config.r)
     model = distributed.local_module(model)  # never through DDP's reducer: the sums are all-reduced after the loop

@@ -99,6 +99,17 @@ def test_a_loss_fn_that_returns_no_usable_loss_is_refused(tiny_bert, loss_fn, me
         estimate_gora(tiny_bert, LoraConfig(**LORA), make_bert_batches(STEPS), _config(), loss_fn=loss_fn)
 
 
+def test_a_loss_fn_that_is_not_callable_is_refused_before_any_forward_pass(tiny_bert):
+    calls = []
+    handle = tiny_bert.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(GoraTypeError, match="loss_fn must be a function .* got str") as caught:
+            estimate_gora(tiny_bert, LoraConfig(**LORA), make_bert_batches(STEPS), _config(), loss_fn="loss")
+    finally:
+        handle.remove()
+    assert isinstance(caught.value, TypeError) and calls == []
+
+
 def test_adaptive_gamma_without_held_out_batches_is_refused(tiny_bert):
     with pytest.raises(GoraDataError, match="adaptive_gamma needs held-out batches .* pass eval_batches"):
         estimate_gora(tiny_bert, LoraConfig(**LORA), make_bert_batches(STEPS), _config(adaptive_gamma=True))
