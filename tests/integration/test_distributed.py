@@ -12,6 +12,8 @@ which write their results under WORKDIR for the tests to compare.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -33,6 +35,8 @@ from conftest import _bert_config, make_bert_batches, make_lm_batches, tiny_gpt2
 
 WORLD = 2
 STEPS = 3  # per process
+CHUNK = 7  # elements per all-reduce call in the chunked run: every sum is split into many chunks, the last one short
+POOLER = "bert.pooler.dense"
 FAILURE_TIMEOUT = 20  # seconds a collective may wait in the failure scenarios: a rank left waiting fails fast
 ADAPTIVE = dict(num_steps=10, adaptive_steps=True, min_steps=2, convergence_threshold=0.3, show_progress=False)
 
@@ -69,6 +73,17 @@ def _examples() -> list[dict]:
     return [{k: v[i] for k, v in batch.items()} for batch in make_bert_batches(5, batch=8, seed=4) for i in range(8)]
 
 
+def _loss_without_pooler(module, batch):
+    """BERT's classification loss from the [CLS] hidden state, past the pooler: the pooler gets no gradient."""
+    hidden = module.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = module.classifier(module.dropout(hidden[:, 0]))
+    return torch.nn.functional.cross_entropy(logits, batch["labels"])
+
+
+def _default_loss(module, batch):
+    return module(**batch).loss
+
+
 def _adaptive_shard(rank: int) -> list[dict]:
     """Rank 0 repeats one batch (its importance converges at min_steps); rank 1's varied batches take longer."""
     if rank == 0:
@@ -85,6 +100,7 @@ def _rank_main(rank: int, ports: tuple[int, int], workdir: str) -> None:
                             timeout=timedelta(seconds=120))
     try:
         _ddp_estimation(rank, Path(workdir))
+        _ddp_uneven_and_chunked(rank, Path(workdir))
         _ddp_wrapped_estimation(rank, Path(workdir))
         _fsdp_apply(rank, Path(workdir))
     finally:
@@ -106,7 +122,9 @@ def _ddp_estimation(rank: int, workdir: Path) -> None:
     shard = _all_batches()[rank * STEPS:(rank + 1) * STEPS]
     for name, extra in (("ddp", {}), ("ddp_sketch", {"estimator": "sketch", "importance": "frobenius"})):
         config = GoraConfig(num_steps=STEPS, show_progress=False, **extra)
-        estimate_gora(_tiny_bert(), _lora_config(), shard, gora_config=config).save(workdir / name / f"rank{rank}")
+        with _diverge_on_rank_1(rank, workdir / name):  # only rank 0's broadcast can make rank 1 agree
+            state = estimate_gora(_tiny_bert(), _lora_config(), shard, gora_config=config)
+        state.save(workdir / name / f"rank{rank}")
     batches = estimation_batches(_examples(), None, batch_size=4, num_steps=STEPS, seed=5)  # sharded by rank
     config = GoraConfig(num_steps=STEPS, show_progress=False)
     estimate_gora(_tiny_bert(), _lora_config(), batches, gora_config=config).save(workdir / "sharded" / f"rank{rank}")
@@ -117,6 +135,67 @@ def _ddp_estimation(rank: int, workdir: Path) -> None:
                           gora_config=GoraConfig(num_steps=STEPS, show_progress=False))
     state.save(workdir / "gpt2" / f"rank{rank}")
     _short_shard(rank, workdir)
+
+
+@contextlib.contextmanager
+def _diverge_on_rank_1(rank: int, directory: Path):
+    """On rank 1 only, the local rank allocation and every C differ from rank 0's (as rounding differences between
+    processes could make them): both ranks compute the same thing otherwise, so only this shows that rank 0's ranks
+    and C are broadcast. What rank 1 computed locally is written to ``directory/diverged_rank1.json``."""
+    import gora.api
+
+    if rank != 1:
+        yield
+        return
+    allocate, solve = gora.api.allocate_ranks, gora.api.solve_c
+    record = {"local_ranks": None, "c_perturbed": 0}
+
+    def allocate_differently(*args, **kwargs):
+        allocation = allocate(*args, **kwargs)
+        max_rank = args[4]  # allocate_ranks(importance, shapes, reference_rank, min_rank, max_rank, features)
+        ranks = {name: r + 1 if r < max_rank else r - 1 for name, r in allocation.ranks.items()}
+        record["local_ranks"] = ranks
+        return dataclasses.replace(allocation, ranks=ranks)
+
+    def solve_differently(*args, **kwargs):
+        record["c_perturbed"] += 1
+        return solve(*args, **kwargs) * (1 + 2**-10)  # every non-zero entry changes
+
+    gora.api.allocate_ranks, gora.api.solve_c = allocate_differently, solve_differently
+    try:
+        yield
+    finally:
+        gora.api.allocate_ranks, gora.api.solve_c = allocate, solve
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "diverged_rank1.json").write_text(json.dumps(record))
+
+
+def _ddp_uneven_and_chunked(rank: int, workdir: Path) -> None:
+    """Two runs on the "ddp" shards: (1) rank 1's loss skips the pooler, so that layer has a gradient on rank 0
+    only; rank 1 must still join its all-reduce (with zeros). (2) Every sum all-reduced in chunks of CHUNK elements."""
+    import torch.distributed as dist
+
+    from gora import GoraConfig, distributed, estimate_gora
+
+    shard = _all_batches()[rank * STEPS:(rank + 1) * STEPS]
+    config = GoraConfig(num_steps=STEPS, show_progress=False)
+    loss_fn = _loss_without_pooler if rank == 1 else _default_loss
+    estimate_gora(_tiny_bert(), _lora_config(), shard, gora_config=config, loss_fn=loss_fn).save(
+        workdir / "ddp_uneven" / f"rank{rank}")
+
+    all_reduce, chunk_elements, calls = dist.all_reduce, distributed.CHUNK_ELEMENTS, []
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce, distributed.CHUNK_ELEMENTS = counting_all_reduce, CHUNK
+    try:
+        state = estimate_gora(_tiny_bert(), _lora_config(), shard, gora_config=config)
+    finally:
+        dist.all_reduce, distributed.CHUNK_ELEMENTS = all_reduce, chunk_elements
+    state.save(workdir / "ddp_chunked" / f"rank{rank}")
+    (workdir / "ddp_chunked" / f"calls{rank}.json").write_text(json.dumps(calls))
 
 
 def _short_shard(rank: int, workdir: Path) -> None:
@@ -297,10 +376,59 @@ def _assert_matches_single(ddp, single) -> None:
         assert ddp.importance[name] == pytest.approx(value, rel=1e-4)
 
 
+def _assert_rank_1_diverged_locally(directory: Path, final) -> None:
+    """Rank 1's own allocation and C differed from the ranks and C it ended with (rank 0's, broadcast)."""
+    record = json.loads((directory / "diverged_rank1.json").read_text())
+    assert record["local_ranks"] and all(final.ranks[name] != r for name, r in record["local_ranks"].items())
+    assert record["c_perturbed"] >= len(final.C) > 0
+
+
 def test_ddp_ranks_end_with_bit_identical_states(runs):
     rank0, rank1 = _load_ranks(runs, "ddp")
     _assert_same_state(rank0, rank1)
     assert len(set(rank0.ranks.values())) > 1  # a real allocation, not one rank everywhere
+    _assert_rank_1_diverged_locally(runs / "ddp", rank1)  # so the equality above is rank 0's broadcast
+
+
+def test_a_layer_with_a_gradient_on_one_rank_only_gives_the_union_of_both_ranks(runs):
+    """Rank 1's loss skips the pooler: it has no gradient there, yet joins that layer's all-reduce; the result is
+    one process over both shards with the same losses (the pooler averaged over the steps that reached it)."""
+    from gora import GoraConfig, estimate_gora
+
+    shard1 = _all_batches()[STEPS:]
+    alone = estimate_gora(_tiny_bert(), _lora_config(), shard1, loss_fn=_loss_without_pooler,
+                          gora_config=GoraConfig(num_steps=STEPS, show_progress=False))
+    assert alone.skipped.get(POOLER) == "no gradient"  # the setup is meaningful: rank 1 alone has none
+    rank0, rank1 = _load_ranks(runs, "ddp_uneven")
+    _assert_same_state(rank0, rank1)
+    assert POOLER not in rank0.skipped and rank0.ranks[POOLER] > 0
+    calls = []
+
+    def loss_fn(module, batch):  # the first STEPS batches are rank 0's, the rest rank 1's
+        calls.append(None)
+        return (_default_loss if len(calls) <= STEPS else _loss_without_pooler)(module, batch)
+
+    single = estimate_gora(_tiny_bert(), _lora_config(), _all_batches(), loss_fn=loss_fn,
+                           gora_config=GoraConfig(num_steps=WORLD * STEPS, show_progress=False))
+    assert len(calls) == WORLD * STEPS
+    _assert_matches_single(rank0, single)
+    plain = _load_ranks(runs, "ddp")[0]
+    assert rank0.importance[POOLER] != plain.importance[POOLER]  # rank 1's pooler really had no gradient
+
+
+def test_an_all_reduce_in_many_chunks_equals_one_process_over_all_batches(runs):
+    from gora import GoraState
+
+    rank0, rank1 = _load_ranks(runs, "ddp_chunked")
+    _assert_same_state(rank0, rank1)
+    single = GoraState.load(runs / "single")
+    _assert_matches_single(rank0, single)
+    _assert_same_state(rank0, _load_ranks(runs, "ddp")[0])  # a + b per entry, whatever the chunks: bit-identical
+    chunks = sum(math.ceil(out_features * in_features / CHUNK) for out_features, in_features in single.shapes.values())
+    for rank in range(WORLD):
+        calls = json.loads((runs / "ddp_chunked" / f"calls{rank}.json").read_text())
+        assert sum(1 for numel in calls if numel <= CHUNK) >= chunks  # every sum went in chunks of CHUNK
+        assert max(calls) <= CHUNK
 
 
 def test_ddp_state_equals_one_process_over_all_batches(runs):
@@ -314,6 +442,7 @@ def test_ddp_sketch_estimator_equals_one_process_over_all_batches(runs):
 
     rank0, rank1 = _load_ranks(runs, "ddp_sketch")
     _assert_same_state(rank0, rank1)
+    _assert_rank_1_diverged_locally(runs / "ddp_sketch", rank1)
     config = GoraConfig(num_steps=WORLD * STEPS, estimator="sketch", importance="frobenius", show_progress=False)
     _assert_matches_single(rank0, estimate_gora(_tiny_bert(), _lora_config(), _all_batches(), gora_config=config))
 

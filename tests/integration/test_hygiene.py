@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig
 from torch.nn.modules import module as nn_module
 
+import gora.accumulate
 import gora.peft_bridge
 from conftest import _bert_config, make_bert_batches
 from gora import GoraConfig, apply_gora, estimate_gora
@@ -196,16 +197,49 @@ def test_failed_estimation_leaves_the_model_as_before(prepared_bert, kwargs, err
     snapshot.assert_unchanged()
 
 
+# offload=True is not in this list: on a CPU model it runs the default path (the pinned offload is made only for CUDA
+# weights), so it would check nothing new. test_interrupt_with_the_pinned_offload_leaves_the_model_as_before does.
 @pytest.mark.parametrize("variant", [
     dict(estimator="sketch", importance="frobenius"),
     dict(adaptive_steps=True, min_steps=2),
-    dict(offload=True),
-], ids=["sketch", "adaptive steps", "offload"])
+], ids=["sketch", "adaptive steps"])
 def test_interrupt_in_every_estimator_variant_leaves_the_model_as_before(prepared_bert, variant):
     snapshot = ModelSnapshot(prepared_bert)
     with pytest.raises(KeyboardInterrupt):
         estimate_gora(prepared_bert, LoraConfig(**LORA), make_bert_batches(STEPS), _config(**variant),
                       loss_fn=_interrupt_at(2, KeyboardInterrupt()))
+    snapshot.assert_unchanged()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned offload exists only for CUDA weights")
+def test_interrupt_with_the_pinned_offload_leaves_the_model_as_before(prepared_bert, monkeypatch):
+    model = prepared_bert.cuda()  # the user's .grad tensors move with their parameters
+    made = []  # every PinnedOffload the estimation makes, and how many gradients it was handed
+
+    class RecordingOffload(gora.accumulate.PinnedOffload):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.adds = 0
+            made.append(self)
+
+        def add(self, *args, **kwargs):
+            self.adds += 1
+            return super().add(*args, **kwargs)
+
+    monkeypatch.setattr(gora.accumulate, "PinnedOffload", RecordingOffload)
+    interrupt = _interrupt_at(2, KeyboardInterrupt())
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append([(offload.adds, offload._thread.is_alive()) for offload in made])  # the state as step starts
+        return interrupt(model, batch)
+
+    snapshot = ModelSnapshot(model)
+    with pytest.raises(KeyboardInterrupt):
+        estimate_gora(model, LoraConfig(**LORA), make_bert_batches(STEPS), _config(offload=True), loss_fn=loss_fn)
+    assert len(made) == 1, "offload=True on a CUDA model did not use the pinned offload"
+    assert len(seen) == 3 and seen[-1][0][0] > 0 and seen[-1][0][1]  # interrupted with the worker alive and in use
+    assert not made[0]._thread.is_alive()  # the worker was stopped on the way out
     snapshot.assert_unchanged()
 
 

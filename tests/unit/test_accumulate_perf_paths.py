@@ -99,9 +99,18 @@ def test_gradient_checkpointing_keeps_dropout_off_in_eval_mode(tiny_bert):
     # BERT has dropout 0.1: only the checkpointed blocks' own flag is switched, so estimation stays deterministic
     batches = make_bert_batches(2)
     targets = ["query", "key", "value", "dense"]
+    calls = [0]
+    intermediate = tiny_bert.bert.encoder.layer[0].intermediate
+    handle = intermediate.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     _, plain = _run(tiny_bert, targets, batches)
+    handle.remove()
+    assert calls[0] == len(batches)  # one forward per step without checkpointing
+    calls[0] = 0
     before = _snapshot(tiny_bert)
+    handle = intermediate.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     _, checkpointed = _run(tiny_bert, targets, batches, gradient_checkpointing=True)
+    handle.remove()
+    assert calls[0] == 2 * len(batches)  # eval-mode model, yet the block was recomputed in backward
     for name, sums in plain.sums.items():
         torch.testing.assert_close(checkpointed.sums[name].grad, sums.grad, rtol=1e-5, atol=1e-7)
     _assert_restored(tiny_bert, before)
@@ -167,8 +176,11 @@ def test_checkpointing_and_model_restored_after_error(error):
             raise error
         return model(**batch).loss
 
-    with pytest.raises(type(error)):
+    match = "boom" if isinstance(error, RuntimeError) else None  # the injected error, not another one
+    with pytest.raises(type(error), match=match) as raised:
         _run(model, LLAMA_TARGETS, make_lm_batches(3), loss_fn=loss_fn, gradient_checkpointing=True)
+    assert raised.value is error
+    assert calls[0] == 2  # the first checkpointed step ran; the error came from the second call, as injected
     _assert_restored(model, before)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -54,11 +56,16 @@ def test_adaptive_steps_stop_at_min_steps_when_every_batch_is_the_same():
     assert state.num_steps == 4 and state.num_samples == 4 * 64
 
 
-def test_adaptive_steps_never_stop_before_min_steps_and_log_the_stop():
+def test_adaptive_steps_never_stop_before_min_steps_and_log_the_stop(caplog):
     config = _config(num_steps=30, adaptive_steps=True, min_steps=5, convergence_threshold=0.2)
-    state = estimate_gora(_mlp(), LORA, _regression_batches(30, seed=2), gora_config=config, loss_fn=_loss)
+    with caplog.at_level(logging.INFO, logger="gora.estimation"):
+        state = estimate_gora(_mlp(), LORA, _regression_batches(30, seed=2), gora_config=config, loss_fn=_loss)
     stopped = state.notes["adaptive_steps_stopped_at"]
     assert 5 <= stopped < 30 and state.num_steps == stopped
+    stops = [r for r in caplog.records if r.getMessage().startswith("adaptive steps: importance converged")]
+    assert [(r.name, r.levelno, r.getMessage()) for r in stops] == [
+        ("gora.estimation", logging.INFO,
+         f"adaptive steps: importance converged after {stopped} steps ({stopped * 64} samples)")]
 
 
 def test_adaptive_steps_run_to_num_steps_when_importance_keeps_moving():

@@ -53,6 +53,29 @@ def test_environment_names_versions_and_the_gpu_only_on_cuda(scripts):
     assert {"date", "python", "transformers", "peft", "cpu", "cpu_count", "commit", "command"} <= set(env)
 
 
+def test_environment_names_the_gpu_on_cuda_as_torch_reports_it(scripts, monkeypatch):
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # torch's own answers, faked: runs on any machine
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(
+        total_memory=80 * 2**30))
+    env = scripts["env"].environment("cuda")
+    assert env["gpu"] == "Fake GPU 80GB" and env["gpu_memory_bytes"] == 80 * 2**30
+    assert "gpu" not in scripts["env"].environment("cpu")  # a CPU run names no GPU even where one exists
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
+def test_environment_names_the_real_gpu_on_cuda(scripts):
+    import torch
+
+    env = scripts["env"].environment("cuda")
+    assert env["gpu"] == torch.cuda.get_device_name(0) and env["gpu"]
+    assert env["gpu_memory_bytes"] == torch.cuda.get_device_properties(0).total_memory > 0
+
+
 def test_machine_line_names_date_versions_cores_threads_load_and_commit(scripts):
     env = {"date": "2026-11-23", "torch": "2.13.0", "cpu": "AMD EPYC", "cpu_count": 2, "load_average": (1.0, 0.5, 0.2),
            "commit": "abc1234"}

@@ -9,6 +9,7 @@ from gora.importance import (
     importance_frobenius,
     importance_grad_nuclear,
     importance_mean_abs,
+    mean_abs_score,
     normalise,
     score_consuming_,
 )
@@ -30,6 +31,22 @@ def test_bf16_inputs_are_scored_in_fp32():
     weight = torch.full((4, 4), 1.0 + 2**-9).bfloat16()
     grad = torch.ones(4, 4).bfloat16()
     assert isinstance(importance_mean_abs(weight, grad), float)
+    # 1 + 2^-7 is a bf16 value (8 significant bits); its square 1 + 2^-6 + 2^-14 needs 15 bits: exact in fp32
+    # (24 bits hold the product of any two bf16 values), rounded to 1 + 2^-6 in bf16.
+    weight = torch.full((4, 4), 1.0 + 2**-7).bfloat16()
+    grad = weight.clone()
+    assert torch.equal(weight.float(), torch.full((4, 4), 1.0 + 2**-7))  # the inputs are what they say
+    assert importance_mean_abs(weight, grad) == 1.0 + 2**-6 + 2**-14
+    assert (weight * grad).abs().float().mean().item() == 1.0 + 2**-6  # what a bf16 product would give
+    # random bf16 values: the score is the fp32 score of the same values, not the score of a bf16 product
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(32, 24, generator=generator).bfloat16()
+    grad = (torch.randn(32, 24, generator=generator) * 1e-3).bfloat16()
+    expected = mean_abs_score(weight.float(), grad.float())
+    assert torch.equal(mean_abs_score(weight, grad), expected)
+    assert importance_mean_abs(weight, grad) == expected.item()
+    in_bf16 = (weight * grad).abs().float().mean()
+    assert in_bf16.item() != expected.item()  # bf16 rounding of the products shows in the mean
 
 
 def test_normalise_sums_to_one_and_ignores_dict_order():

@@ -102,11 +102,17 @@ INTERRUPTIONS = {
 }
 
 
+def _injected(error: BaseException) -> str | None:
+    """``match=`` for the injected error: a disk-full OSError must be that one, not any other OSError on the way."""
+    return "No space left on device" if isinstance(error, OSError) else None
+
+
 @pytest.mark.parametrize("break_save, error", INTERRUPTIONS.values(), ids=INTERRUPTIONS.keys())
 def test_interrupted_first_save_leaves_no_state_at_all(tmp_path, monkeypatch, break_save, error):
     break_save(monkeypatch, error)
-    with pytest.raises(type(error)):
+    with pytest.raises(type(error), match=_injected(error)) as raised:
         make_state().save(tmp_path / "state")
+    assert raised.value is error  # the injected fault itself was reached and passed through
     monkeypatch.undo()
     assert not (tmp_path / "state").exists()
     assert leftovers(tmp_path) == []
@@ -120,8 +126,9 @@ def test_interrupted_save_keeps_the_previous_state_intact(tmp_path, monkeypatch,
     previous.save(tmp_path / "state")
     before = {name: (tmp_path / "state" / name).read_bytes() for name in (META_FILE, TENSOR_FILE)}
     break_save(monkeypatch, error)
-    with pytest.raises(type(error)):
+    with pytest.raises(type(error), match=_injected(error)) as raised:
         make_state(seed=1).save(tmp_path / "state")
+    assert raised.value is error  # the injected fault itself was reached and passed through
     monkeypatch.undo()
     assert {name: (tmp_path / "state" / name).read_bytes() for name in (META_FILE, TENSOR_FILE)} == before
     assert_same_state(GoraState.load(tmp_path / "state"), previous)
