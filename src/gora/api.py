@@ -106,13 +106,15 @@ def estimate_gora(
     shapes = {t.name: t.shape for t in targets}
     allocation = allocate_ranks(importance, {n: shapes[n] for n in importance}, lora_config.r, min_rank, max_rank,
                                 config.features)
-    ranks = distributed.broadcast_object(allocation.ranks)
+    # rank 0 decides for all: processes whose sums differ by rounding still save one identical state
+    ranks, importance, actual_params = distributed.broadcast_object(
+        (allocation.ranks, importance, allocation.actual_params))
     a, c = _initial_factors(ranks, a_max, projected)
     state = GoraState(
         ranks={**{n: 0 for n in skipped if n in shapes}, **ranks}, importance=importance, shapes=shapes,
         A=a, C=c, skipped=skipped, reference_rank=lora_config.r, lora_alpha=float(lora_config.lora_alpha),
         gamma=config.gamma, seed=config.seed, config=config.to_dict(), num_steps=run.steps,
-        num_samples=run.samples, budget=allocation.budget, actual_params=allocation.actual_params,
+        num_samples=run.samples, budget=allocation.budget, actual_params=actual_params,
         estimation_seconds=run.seconds, peak_memory_bytes=run.peak_memory_bytes,
         versions=package_versions(), model_class=type(base).__name__, notes=run.notes,
     )

@@ -147,25 +147,33 @@ def _diverge_on_rank_1(rank: int, directory: Path):
     if rank != 1:
         yield
         return
-    allocate, solve = gora.api.allocate_ranks, gora.api.solve_c
-    record = {"local_ranks": None, "c_perturbed": 0}
+    allocate, solve, score = gora.api.allocate_ranks, gora.api.solve_c, gora.api._score_and_project
+    record = {"local_ranks": None, "c_perturbed": 0, "local_importance": None, "local_actual_params": None}
 
     def allocate_differently(*args, **kwargs):
         allocation = allocate(*args, **kwargs)
         max_rank = args[4]  # allocate_ranks(importance, shapes, reference_rank, min_rank, max_rank, features)
         ranks = {name: r + 1 if r < max_rank else r - 1 for name, r in allocation.ranks.items()}
         record["local_ranks"] = ranks
-        return dataclasses.replace(allocation, ranks=ranks)
+        record["local_actual_params"] = allocation.actual_params + 1
+        return dataclasses.replace(allocation, ranks=ranks, actual_params=allocation.actual_params + 1)
+
+    def score_differently(*args, **kwargs):
+        importance, projected = score(*args, **kwargs)
+        importance = {name: value * (1 + 2**-10) for name, value in importance.items()}
+        record["local_importance"] = importance
+        return importance, projected
 
     def solve_differently(*args, **kwargs):
         record["c_perturbed"] += 1
         return solve(*args, **kwargs) * (1 + 2**-10)  # every non-zero entry changes
 
     gora.api.allocate_ranks, gora.api.solve_c = allocate_differently, solve_differently
+    gora.api._score_and_project = score_differently
     try:
         yield
     finally:
-        gora.api.allocate_ranks, gora.api.solve_c = allocate, solve
+        gora.api.allocate_ranks, gora.api.solve_c, gora.api._score_and_project = allocate, solve, score
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "diverged_rank1.json").write_text(json.dumps(record))
 
@@ -356,6 +364,7 @@ def _load_ranks(workdir: Path, name: str):
 def _assert_same_state(first, second) -> None:
     assert first.ranks == second.ranks
     assert first.importance == second.importance
+    assert (first.budget, first.actual_params) == (second.budget, second.actual_params)
     assert first.skipped == second.skipped
     assert (first.num_steps, first.num_samples) == (second.num_steps, second.num_samples)
     assert sorted(first.A) == sorted(second.A)
@@ -381,6 +390,9 @@ def _assert_rank_1_diverged_locally(directory: Path, final) -> None:
     record = json.loads((directory / "diverged_rank1.json").read_text())
     assert record["local_ranks"] and all(final.ranks[name] != r for name, r in record["local_ranks"].items())
     assert record["c_perturbed"] >= len(final.C) > 0
+    assert record["local_actual_params"] != final.actual_params
+    assert record["local_importance"] and all(final.importance[name] != value
+                                              for name, value in record["local_importance"].items())
 
 
 def test_ddp_ranks_end_with_bit_identical_states(runs):
