@@ -4,7 +4,8 @@ DDP: each process estimates on its own shard; the state must be identical on bot
 one process over all batches with num_steps = 2·N, also for a model passed wrapped in
 ``DistributedDataParallel``. FSDP/ZeRO-3 path: estimate once, save, every rank calls
 apply_gora(GoraState.load(dir)) and gets identical adapters, also through a real FSDP2 ``fully_shard``
-training step. A NaN on one rank stops every rank at once, none waits in a collective.
+training step. A NaN on one rank stops every rank at once, none waits in a collective. Adaptive γ scores the
+grid on every process's held-out shard, averaged: the γ one process would choose over all of them.
 
 The module runs itself as the launcher: ``python test_distributed.py WORKDIR`` spawns the two ranks,
 which write their results under WORKDIR for the tests to compare.
@@ -66,6 +67,12 @@ def _gpt2_lora_config():
 
 def _gpt2_batches():
     return make_lm_batches(WORLD * STEPS, seed=6)
+
+
+def _held_out() -> list[dict]:
+    """Adaptive γ's held-out batches: the estimation batches again, on which the initial step lowers the loss (on
+    other random batches of this random model no γ beats W₀ and γ = 0 would say little)."""
+    return _all_batches()
 
 
 def _examples() -> list[dict]:
@@ -130,6 +137,10 @@ def _ddp_estimation(rank: int, workdir: Path) -> None:
     estimate_gora(_tiny_bert(), _lora_config(), batches, gora_config=config).save(workdir / "sharded" / f"rank{rank}")
     state = estimate_gora(_tiny_bert(), _lora_config(), _adaptive_shard(rank), gora_config=GoraConfig(**ADAPTIVE))
     state.save(workdir / "adaptive" / f"rank{rank}")
+    held = _held_out()[rank * STEPS:(rank + 1) * STEPS]  # each process scores γ on its own held-out shard
+    config = GoraConfig(num_steps=STEPS, adaptive_gamma=True, show_progress=False)
+    state = estimate_gora(_tiny_bert(), _lora_config(), shard, gora_config=config, eval_batches=held)
+    state.save(workdir / "adaptive_gamma" / f"rank{rank}")
     gpt2_shard = _gpt2_batches()[rank * STEPS:(rank + 1) * STEPS]
     state = estimate_gora(tiny_gpt2(), _gpt2_lora_config(), gpt2_shard,
                           gora_config=GoraConfig(num_steps=STEPS, show_progress=False))
@@ -457,6 +468,29 @@ def test_ddp_sketch_estimator_equals_one_process_over_all_batches(runs):
     _assert_rank_1_diverged_locally(runs / "ddp_sketch", rank1)
     config = GoraConfig(num_steps=WORLD * STEPS, estimator="sketch", importance="frobenius", show_progress=False)
     _assert_matches_single(rank0, estimate_gora(_tiny_bert(), _lora_config(), _all_batches(), gora_config=config))
+
+
+def test_adaptive_gamma_under_ddp_scores_both_held_out_shards_as_one_process(runs):
+    """Each process scores the γ grid on its own held-out batches; the losses are averaged over processes, so both
+    choose the γ that one process scoring all held-out batches chooses."""
+    from gora import GoraConfig, estimate_gora
+    from gora.gamma_search import mean_loss
+
+    rank0, rank1 = _load_ranks(runs, "adaptive_gamma")
+    _assert_same_state(rank0, rank1)
+    assert rank0.gamma == rank1.gamma and rank0.notes["adaptive_gamma"] == rank1.notes["adaptive_gamma"]
+    config = GoraConfig(num_steps=WORLD * STEPS, adaptive_gamma=True, show_progress=False)
+    single = estimate_gora(_tiny_bert(), _lora_config(), _all_batches(), gora_config=config, eval_batches=_held_out())
+    _assert_matches_single(rank0, single)
+    assert rank0.gamma == single.gamma > 0
+    ddp, reference = rank0.notes["adaptive_gamma"], single.notes["adaptive_gamma"]
+    assert ddp["baseline_loss"] == pytest.approx(reference["baseline_loss"], rel=1e-6)
+    assert ddp["scan"].keys() == reference["scan"].keys()
+    for gamma, loss in reference["scan"].items():
+        assert ddp["scan"][gamma] == pytest.approx(loss, rel=1e-4), gamma
+    # not vacuous: one process's held-out shard alone has another W0 loss than both together
+    own = mean_loss(_tiny_bert(), _held_out()[STEPS:], None)
+    assert own != pytest.approx(reference["baseline_loss"], rel=1e-4)  # (the processes agree to 1e-6)
 
 
 def test_ddp_on_conv1d_targets_equals_one_process_over_all_batches(runs):
