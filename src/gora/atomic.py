@@ -15,7 +15,9 @@ from .errors import GoraStateError
 RANK_PLOT_FILE = "gora_ranks.png"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's names
 SIDECAR_FILE = "gora_config.json"
-"""The files of an exported adapter, named here (no torch import) for the CLI's checks before anything loads."""
+META_FILE, TENSOR_FILE = "gora_state.json", "gora_state.safetensors"  # a saved GoraState
+"""The files of an exported adapter and of a saved state, named here (no torch import) for the CLI's checks before
+anything loads."""
 DERIVED_FILES = frozenset({RANK_PLOT_FILE})
 """Files gora writes into a saved directory from its content (``gora inspect``'s rank plot). A new save makes them
 stale, so replacing the directory may delete them."""

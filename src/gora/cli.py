@@ -16,13 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .atomic import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, RANK_PLOT_FILE, SIDECAR_FILE, atomic_directory,
-                     check_output_directory)
+from .atomic import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, RANK_PLOT_FILE, SIDECAR_FILE, TENSOR_FILE,
+                     atomic_directory, check_output_directory)
 from .errors import GoraConfigError, GoraDataError, GoraError, GoraStateError, GoraUnsupportedError
 
 logger = logging.getLogger("gora.cli")
 PASSTHROUGH = ("bench", "demo")  # verbs whose options belong to gora.bench
-STATE_FILE = "gora_state.json"
 SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
 MODEL_CLASSES = {"seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
 PEFT_TO_TASK = {"SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm"}
@@ -144,8 +143,6 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     _check_not_an_input(args.output, model_dir)
-    from .state import META_FILE, TENSOR_FILE
-
     check_output_directory(args.output, (META_FILE, TENSOR_FILE))  # refused now, not after minutes of estimation
     data = load_text_data(args.data, args.task)  # cheap checks first: the heavy imports come after
     lora = {"r": args.r, "lora_alpha": args.alpha, "target_modules": _targets(args.targets),
@@ -203,12 +200,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     model_dir = _model_dir(args.model)
     _check_not_an_input(args.output, model_dir, source)
     check_output_directory(args.output, _export_names(args.form, model_dir, Path(args.output)))  # before loading
-    if (source / STATE_FILE).is_file():
+    if (source / META_FILE).is_file():
         peft_model, state, task = _model_from_state(model_dir, source, args)
     elif (source / ADAPTER_CONFIG).is_file():
         peft_model, state, task = _model_from_adapter(model_dir, source, args)
     else:
-        raise GoraStateError(f"{source} holds neither {STATE_FILE} (a state from gora init) nor {ADAPTER_CONFIG} "
+        raise GoraStateError(f"{source} holds neither {META_FILE} (a state from gora init) nor {ADAPTER_CONFIG} "
                              "(a PEFT adapter); pass one of those directories.")
     if args.form == "merged":
         merged = peft_model.merge_and_unload()
@@ -419,7 +416,7 @@ def _save_tokenizer(model_dir: Path, output: str) -> None:
 
 def _read_rank_info(path: Path) -> dict[str, Any]:
     """Ranks, importances and budget from a state directory or an adapter's ``gora_config.json``."""
-    if (path / STATE_FILE).is_file():
+    if (path / META_FILE).is_file():
         from . import GoraState
 
         state = GoraState.load(path)
@@ -430,7 +427,7 @@ def _read_rank_info(path: Path) -> dict[str, Any]:
                 "estimation_seconds": state.estimation_seconds}
     sidecar = path / SIDECAR_FILE
     if not sidecar.is_file():
-        raise GoraStateError(f"{path} holds neither {STATE_FILE} (gora init) nor {SIDECAR_FILE} (an adapter "
+        raise GoraStateError(f"{path} holds neither {META_FILE} (gora init) nor {SIDECAR_FILE} (an adapter "
                              "written by gora export / gora.export_adapter); nothing to inspect.")
     try:
         meta = json.loads(sidecar.read_text())

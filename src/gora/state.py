@@ -19,12 +19,10 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .atomic import atomic_directory, interrupted_saves, sha256_bytes, sha256_file
+from .atomic import META_FILE, TENSOR_FILE, atomic_directory, interrupted_saves, sha256_bytes, sha256_file
 from .errors import GoraStateError
 
 FORMAT_VERSION = 1
-META_FILE = "gora_state.json"
-TENSOR_FILE = "gora_state.safetensors"
 
 
 @dataclass
