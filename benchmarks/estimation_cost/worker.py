@@ -110,13 +110,23 @@ def measure_cost(spec: dict) -> dict:
     cleanup(result)
     del result
     gc.collect()
-    floor_s, method_s, drop_s, loop_s = [], [], [], []
+    floor_s, method_s, drop_s, loop_s, train_s = [], [], [], [], []
 
     def time_floor() -> None:
         floor_s.append(m.timed(lambda: m.run_floor(model, batches), device)[0])
 
     def time_drop_floor() -> None:
         drop_s.append(m.timed(lambda: m.run_floor_dropping(model, targets, batches), device)[0])
+
+    def time_train_floor() -> None:
+        """The floor in train mode: PEFT's LoRA-GA runs its passes in train mode (``estimate_gradients`` calls
+        ``model.train()``), with dropout on, where the plain floor and GoRA run in eval mode."""
+        was_training = model.training
+        model.train()
+        try:
+            train_s.append(m.timed(lambda: m.run_floor(model, batches), device)[0])
+        finally:
+            model.train(was_training)
 
     def time_method() -> None:
         seconds, result = m.timed(run, device)
@@ -125,7 +135,8 @@ def measure_cost(spec: dict) -> dict:
             loop_s.append(result.estimation_seconds)  # the N forward/backward passes alone, without scoring
         cleanup(result)
 
-    round_order = [time_floor] + ([time_drop_floor] if spec["section"] == "time" else []) + [time_method]
+    round_order = ([time_floor] + ([time_drop_floor] if spec["section"] == "time" else [])
+                   + ([time_train_floor] if spec["method"] == "loraga" else []) + [time_method])
     for index in range(spec.get("reps", 1) if spec["method"] != "floor" else 0):
         for timing in round_order if index % 2 == 0 else round_order[::-1]:  # ABBA: a drift in load cancels
             timing()
@@ -143,6 +154,10 @@ def measure_cost(spec: dict) -> dict:
     if drop_s:
         out["drop_floor_s"] = drop_s
         out["time_ratio_vs_drop_floor"] = statistics.median(a / b for a, b in zip(method_s, drop_s))
+    if train_s:
+        ratios = [a / b for a, b in zip(method_s, train_s)]
+        out |= {"train_floor_s": train_s, "time_ratio_vs_train_floor": statistics.median(ratios),
+                "time_ratio_vs_train_floor_interval": median_interval(ratios)}
     if spec["method"] in ("gora", "gora_sketch"):
         out["finite_check_share"] = _finite_check_share(model, targets, device, out.get("floor_step_s"),
                                                          sketch=spec["method"] == "gora_sketch")

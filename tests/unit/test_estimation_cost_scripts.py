@@ -11,7 +11,7 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks" / "estimation_cost"
 
 @pytest.fixture(scope="module")
 def scripts():
-    names = ("env", "run", "models", "methods", "report", "dispatch", "host_add", "host_overhead")
+    names = ("env", "run", "models", "methods", "report", "dispatch", "host_add", "host_overhead", "worker")
     sys.path.insert(0, str(SCRIPTS))  # the scripts import each other by name, as they do when run
     try:
         yield {name: importlib.import_module(name) for name in names}
@@ -194,3 +194,29 @@ def test_official_style_baseline_keeps_one_running_sum_and_sweeps_every_paramete
             model(**batch).loss.backward()
             reference += layer.weight.grad.double() / 3
         torch.testing.assert_close(means[layer.name].double(), reference, rtol=1e-5, atol=1e-8)
+
+
+def test_loraga_is_also_timed_against_a_train_mode_floor_with_dropout_on(scripts, monkeypatch):
+    """PEFT's LoRA-GA runs its passes in train mode: the time section adds a train-mode floor for it (and only
+    for it), run with the model in train mode and restored to eval mode afterwards."""
+    worker, methods = scripts["worker"], scripts["methods"]
+    modes = []
+    run_floor = methods.run_floor
+
+    def recording_floor(model, batches):
+        modes.append(model.training)
+        return run_floor(model, batches)
+
+    monkeypatch.setattr(methods, "run_floor", recording_floor)
+    spec = {"device": "cpu", "dtype": "float32", "section": "time", "size": "minilm", "pretrained": False,
+            "steps": 1, "batch": 2, "seq": 8, "reps": 2, "data": "random"}
+    out = worker.measure_cost({**spec, "method": "loraga"})
+    assert len(out["train_floor_s"]) == len(out["floor_s"]) == len(out["method_s"]) == 2
+    assert out["time_ratio_vs_train_floor"] > 0 and out["time_ratio_vs_train_floor_interval"] is None  # 2 rounds
+    assert modes.count(True) == 2 and modes.count(False) == 3  # warm-up and 2 eval floors, 2 train floors
+    line = next(line for line in scripts["report"].time_table([{**out, **spec, "method": "loraga", "status": "ok",
+                                                               "weights": "random"}]) if line.startswith("| PEFT LoRA-GA"))
+    assert f"| {out['time_ratio_vs_train_floor']:.3f} |" in line
+    modes.clear()
+    out = worker.measure_cost({**spec, "method": "gora"})
+    assert "train_floor_s" not in out and True not in modes  # GoRA runs in eval mode: no train-mode floor
