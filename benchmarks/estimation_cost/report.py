@@ -61,9 +61,9 @@ def time_table(records: list[dict]) -> list[str]:
 
 
 def _train_floor(record: dict) -> str:
-    interval = record.get("time_ratio_vs_train_floor_interval")
     ratio = _fmt(record.get("time_ratio_vs_train_floor"), 3)
-    return f"{ratio} ({interval[0]:.3f}–{interval[1]:.3f})" if interval else ratio
+    interval = _interval(record, "time_ratio_vs_train_floor_interval")
+    return ratio if interval == "–" else f"{ratio} ({interval})"
 
 
 def scale_table(records: list[dict]) -> list[str]:
@@ -92,9 +92,9 @@ def scale_table(records: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def _interval(record: dict) -> str:
-    """The distribution-free 95 % interval of the median time ratio, or a dash under 6 rounds."""
-    interval = record.get("time_ratio_interval")
+def _interval(record: dict, key: str = "time_ratio_interval") -> str:
+    """The distribution-free 95 % interval of a median time ratio, or a dash under 6 rounds."""
+    interval = record.get(key)
     return "–" if not interval else f"{interval[0]:.3f}–{interval[1]:.3f}"
 
 

@@ -122,10 +122,7 @@ def estimate_gora(
         held_out = list(eval_batches) if eval_batches is not None else list(itertools.islice(iterator,
                                                                                               config.gamma_batches))
         if not held_out:
-            raise GoraDataError(
-                f"adaptive_gamma needs held-out batches after the {run.steps} estimation batches; pass "
-                f"eval_batches=..., or {config.gamma_batches} more batches (gamma_batches)."
-            )
+            raise _no_held_out(run.steps, config)
         state.gamma, state.notes["adaptive_gamma"] = search_gamma(
             model, targets, a, c, shapes, config.resolved_gamma_grid(), held_out, loss_fn)
     logger.info("GoRA: %d layers, ranks %s, %d steps in %.1fs", len(ranks), _spread(ranks), run.steps, run.seconds)
@@ -158,11 +155,15 @@ def _check_length(batches: Iterable, config: GoraConfig, held_out: bool = False)
     except TypeError:
         return
     if held_out and not config.adaptive_steps and length <= config.num_steps:
-        raise GoraDataError(f"the batches hold {length} items, but adaptive_gamma needs held-out batches after the "
-                            f"{config.num_steps} estimation batches; pass eval_batches=..., or "
-                            f"{config.gamma_batches} more batches (gamma_batches).")
+        raise _no_held_out(config.num_steps, config, f"the batches hold {length} items, but ")
     if length < config.least_steps:
         raise too_few_batches(length, config, f"hold {length} items")
+
+
+def _no_held_out(steps: int, config: GoraConfig, prefix: str = "") -> GoraDataError:
+    """Adaptive γ found no held-out batches after the ``steps`` estimation batches (up front, or after the loop)."""
+    return GoraDataError(f"{prefix}adaptive_gamma needs held-out batches after the {steps} estimation batches; pass "
+                         f"eval_batches=..., or {config.gamma_batches} more batches (gamma_batches).")
 
 
 def _sketch_operators(pool: ThreadPoolExecutor, targets: list[TargetLayer], a_draws: dict[str, Future],

@@ -93,7 +93,6 @@ def check_not_wrapped(model: nn.Module) -> None:
         )
 
 
-
 def check_state_fits(base: nn.Module, state: GoraState) -> None:
     """Refuse a state written for another model: every adapted name must exist with the same shape."""
     state.validate()

@@ -58,8 +58,9 @@ import torch
 from tqdm.auto import tqdm
 
 from gora.bench.records import Record, append_record, cell_key, load_records
+from gora.bench.train import optimise, peak_memory_bytes, reset_peak_memory, shuffled_batches
 from gora.errors import GoraConfigError
-from gora.bench.train import optimise, peak_memory_bytes, reset_peak_memory, resolve_device, shuffled_batches
+from gora.estimation import resolve_device
 
 logger = logging.getLogger(__name__)
 

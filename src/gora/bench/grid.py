@@ -26,8 +26,9 @@ from gora.bench.gora_method import gora_config_for
 from gora.bench.methods import METHODS
 from gora.bench.records import LR_RUN_FIELDS, Record, append_record, cell_key, load_records
 from gora.bench.runner import CellRunner, DataConfig, did_you_mean
-from gora.bench.train import TrainConfig, check_device
+from gora.bench.train import TrainConfig
 from gora.errors import GoraConfigError, GoraDataError, GoraError
+from gora.estimation import check_device
 
 logger = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ from gora.bench.train import (
     encode,
     init_batches,
     reset_peak_memory,
-    resolve_device,
     total_steps,
     train_and_evaluate,
 )
 from gora.bench.user_task import load_user_task, supported_table
 from gora.errors import GoraConfigError, GoraDataError
+from gora.estimation import resolve_device
 
 logger = logging.getLogger(__name__)
 

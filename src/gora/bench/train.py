@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from gora.bench.builders import Batch, BuiltMethod
 from gora.errors import GoraConfigError
-from gora.estimation import check_device, resolve_device  # noqa: F401  (the bench imports them from here)
+from gora.estimation import resolve_device
 
 logger = logging.getLogger(__name__)
 
