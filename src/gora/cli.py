@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .atomic import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, RANK_PLOT_FILE, SIDECAR_FILE, TENSOR_FILE,
                      atomic_directory, check_output_directory)
 from .errors import GoraConfigError, GoraDataError, GoraError, GoraStateError, GoraUnsupportedError
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gora", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO level)")
+    parser.add_argument("-V", "--version", action="version", version=f"gora {__version__}",
+                        help="print gora's version and exit")
     verbs = parser.add_subparsers(dest="verb", metavar="{init,inspect,export,bench,demo}")
     _add_init(verbs)
     _add_inspect(verbs)

@@ -51,6 +51,21 @@ def test_console_script_answers_help():
         assert verb in result.stdout
 
 
+def test_python_dash_m_gora_is_the_command_line_and_reports_the_package_version():
+    import importlib.metadata
+
+    import gora
+
+    version = _run("-m", "gora", "--version")
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == f"gora {gora.__version__}"
+    assert importlib.metadata.version("gora-peft") == gora.__version__  # pyproject reads it from gora.__version__
+    bare = _run("-m", "gora")  # no verb: the help, exit 2, as the console script
+    assert bare.returncode == 2 and "gora init MODEL DATA" in bare.stdout
+    failing = _run("-m", "gora", "inspect", "/nonexistent/state")  # errors reach the shell's exit status
+    assert failing.returncode == 2 and failing.stderr.startswith("gora: error:")
+
+
 def test_every_option_of_every_verb_has_a_help_text():
     parser = cli.build_parser()
     verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
