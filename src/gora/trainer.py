@@ -54,7 +54,8 @@ def estimation_batches(
         collator: the Trainer's ``data_collator``; ``None`` means ``transformers.default_data_collator``.
         batch_size: examples per batch (per process under torch.distributed).
         num_steps: batches to build; pass ``GoraConfig.num_steps`` (plus ``gamma_batches`` for adaptive γ).
-        seed: seed of the shuffle; a dataset smaller than ``batch_size * num_steps`` is reshuffled and reused.
+        seed: seed of the shuffle; a dataset smaller than ``batch_size * num_steps`` (times the processes) is
+            reshuffled and reused, with a warning.
         columns: keys to keep from each (dict) example (like the Trainer's ``remove_unused_columns``);
             ``None`` keeps all. Every name must be a key of every example drawn.
         shard: give each torch.distributed process its own batches; ``False``: the same batches everywhere.
@@ -77,12 +78,16 @@ def estimation_batches(
                             "(torch Dataset, datasets.Dataset or a list of examples).") from error
     if size == 0:
         raise GoraDataError("the dataset is empty: GoRA needs examples to estimate gradients from.")
-    if size < batch_size * num_steps:
-        logger.info("estimation_batches: %d examples for %d x %d (per process); reshuffling and reusing examples",
-                    size, num_steps, batch_size)
     collate = default_data_collator if collator is None else collator
     rank, world = (distributed.rank(), distributed.world_size()) if shard else (0, 1)
-    order = _shuffled_indices(size, batch_size * num_steps * world, seed)
+    needed = batch_size * num_steps * world
+    if size < needed and rank == 0:
+        processes = f" x {world} processes" if world > 1 else ""
+        logger.warning("the dataset holds %d examples, fewer than the %d that %d steps x batch %d%s draw: examples "
+                       "are reused (reshuffled), so the gradient estimate sees only %d distinct ones; pass fewer "
+                       "steps or a smaller batch to use each example at most once.", size, needed, num_steps,
+                       batch_size, processes, size)
+    order = _shuffled_indices(size, needed, seed)
     batches = []
     for step in range(rank, num_steps * world, world):
         examples = [_select(dataset[i], columns, i) for i in order[step * batch_size:(step + 1) * batch_size]]

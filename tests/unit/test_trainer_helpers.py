@@ -63,3 +63,34 @@ def test_add_gora_logging_refuses_what_is_not_a_trainer():
         add_gora_logging({}, state)
     trainer = _trainer()
     assert add_gora_logging(trainer, state) is trainer.callback_handler.callbacks[0]
+
+
+def test_estimation_batches_warns_when_examples_must_be_reused(caplog):
+    with caplog.at_level("WARNING", logger="gora.trainer"):
+        estimation_batches(_dataset(8), None, batch_size=2, num_steps=4)  # 8 needed: each example once
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="gora.trainer"):
+        batches = estimation_batches(_dataset(3), None, batch_size=2, num_steps=4)
+    assert len(batches) == 4
+    (record,) = caplog.records
+    assert record.getMessage() == ("the dataset holds 3 examples, fewer than the 8 that 4 steps x batch 2 draw: "
+                                   "examples are reused (reshuffled), so the gradient estimate sees only 3 distinct "
+                                   "ones; pass fewer steps or a smaller batch to use each example at most once.")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_estimation_batches_counts_every_process_before_warning_once(monkeypatch, caplog, rank):
+    from gora import distributed
+
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with caplog.at_level("WARNING", logger="gora.trainer"):
+        estimation_batches(_dataset(8), None, batch_size=2, num_steps=4)  # 2 processes x 8: 16 needed
+    messages = [r.getMessage() for r in caplog.records]
+    if rank == 0:  # one warning for the job, from the first process
+        assert len(messages) == 1 and "fewer than the 16 that 4 steps x batch 2 x 2 processes draw" in messages[0]
+    else:
+        assert messages == []
+    with caplog.at_level("WARNING", logger="gora.trainer"):
+        estimation_batches(_dataset(8), None, batch_size=2, num_steps=4, shard=False)  # same batches everywhere
+    assert len(caplog.records) == len(messages)  # shard=False needs only 8: nothing more
