@@ -240,6 +240,20 @@ def test_init_refuses_bad_options_before_loading_or_estimating(files, tmp_path, 
     assert _tree(tmp_path) == before and not (tmp_path / "state").exists()
 
 
+def test_init_refuses_targets_that_match_nothing_before_preparing_the_data(files, tmp_path, monkeypatch, capsys):
+    from gora import data_files
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was tokenised before the targets were checked")
+
+    monkeypatch.setattr(data_files, "tokenize", never)
+    options = [*INIT_OPTIONS[:4], "--targets", "nosuch", *INIT_OPTIONS[6:]]
+    assert main(["init", str(files / "bert"), str(files / "reviews.csv"), "-o", str(tmp_path / "state"),
+                 *options]) == 2
+    assert "target_modules={'nosuch'} matched no adaptable layer" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()
+
+
 @pytest.mark.parametrize("form", ["--portable", "--native", "--merged"])
 def test_export_refuses_a_directory_with_other_files_before_loading_the_model(files, tmp_path, monkeypatch, capsys,
                                                                              form):
