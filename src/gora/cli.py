@@ -144,7 +144,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     _check_max_length(model_dir, args.max_length)
     from .estimation import check_device
 
-    check_device(args.device)
+    device = check_device(args.device)  # resolved once ("auto" → cuda or cpu), before anything loads
     _check_not_an_input(args.output, model_dir)
     check_output_directory(args.output, (META_FILE, TENSOR_FILE))  # refused now, not after minutes of estimation
     data = load_text_data(args.data, args.task)  # cheap checks first: the heavy imports come after
@@ -162,7 +162,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from .trainer import estimation_batches
 
     tokenizer = _load_tokenizer(model_dir)
-    model = _load_model(model_dir, data.task, data.label_names, args.dtype, args.device, args.seed)
+    model = _load_model(model_dir, data.task, data.label_names, args.dtype, device, args.seed)
     lora_config = LoraConfig(**lora)
     resolve_targets(model, lora_config)  # targets that match nothing are refused before the data is prepared
     steps = args.num_steps + (gora_config.gamma_batches if args.adaptive_gamma else 0)
@@ -318,14 +318,12 @@ def _load_tokenizer(model_dir: Path):
         raise GoraDataError(f"cannot load the tokenizer in {model_dir} ({error}); {hint}.") from error
 
 
-def _load_model(model_dir: Path, task: str, label_names: list[str], dtype: str, device: str, seed: int):
-    """The base model for ``task``; a new classification head is drawn from ``seed`` (the same in init and export)."""
+def _load_model(model_dir: Path, task: str, label_names: list[str], dtype: str, device: Any, seed: int):
+    """The base model for ``task`` on ``device`` (a torch device or its name, already checked); a new classification
+    head is drawn from ``seed`` (the same in init and export)."""
     import torch
     import transformers
 
-    from .estimation import resolve_device
-
-    device = resolve_device(device)  # checked by check_device before anything loads
     model_class = getattr(transformers, MODEL_CLASSES[task])
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if task == "seq-cls":
