@@ -145,9 +145,7 @@ def measure_cost(spec: dict) -> dict:
         out["loop_s"] = loop_s
         out["loop_ratio"] = statistics.median(a / b for a, b in zip(loop_s, floor_s))
     if floor_s:
-        ratios = [a / b for a, b in zip(method_s, floor_s)]  # each round's method ÷ its own floor
-        out["time_ratio"] = statistics.median(ratios)
-        out["time_ratio_interval"] = median_interval(ratios)
+        out |= _median_ratio("time_ratio", method_s, floor_s)
         out["time_ratio_min"] = min(method_s) / min(floor_s)
         out["step_s"] = statistics.median(method_s) / len(batches)
         out["floor_step_s"] = statistics.median(floor_s) / len(batches)
@@ -155,13 +153,18 @@ def measure_cost(spec: dict) -> dict:
         out["drop_floor_s"] = drop_s
         out["time_ratio_vs_drop_floor"] = statistics.median(a / b for a, b in zip(method_s, drop_s))
     if train_s:
-        ratios = [a / b for a, b in zip(method_s, train_s)]
-        out |= {"train_floor_s": train_s, "time_ratio_vs_train_floor": statistics.median(ratios),
-                "time_ratio_vs_train_floor_interval": median_interval(ratios)}
+        out |= {"train_floor_s": train_s, **_median_ratio("time_ratio_vs_train_floor", method_s, train_s)}
     if spec["method"] in ("gora", "gora_sketch"):
         out["finite_check_share"] = _finite_check_share(model, targets, device, out.get("floor_step_s"),
                                                          sketch=spec["method"] == "gora_sketch")
     return out
+
+
+def _median_ratio(key: str, method_s: list[float], base_s: list[float]) -> dict:
+    """``key``: the median over rounds of each round's method time ÷ its own base time; ``key_interval``: its
+    distribution-free 95 % interval (None under 6 rounds)."""
+    ratios = [a / b for a, b in zip(method_s, base_s)]
+    return {key: statistics.median(ratios), f"{key}_interval": median_interval(ratios)}
 
 
 def _result_info(method: str, result) -> dict:
