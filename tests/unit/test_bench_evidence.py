@@ -1,0 +1,93 @@
+"""Paired evidence of a protocol-v2 study: reference statistics, pairing by seed, automatic exclusions, files."""
+
+import json
+import math
+
+import pytest
+
+from gora.bench import evidence
+from gora.bench.records import save_records
+
+
+def rec(arm, task, seed, value, *, majority=0.5, lr=1e-3, metric="accuracy", curve=None, **extra):
+    return {"method": arm.split("_")[0], "arm": arm, "task": task, "seed": seed, "value": value, "metric": metric,
+            "majority_rate": majority, "lr": lr, "r": 8, "protocol": 2, "curve": curve or [], **extra}
+
+
+def test_t_interval_matches_reference_values():
+    mean, low, high = evidence.mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    half = 2.776 * math.sqrt(2.5) / math.sqrt(5)  # t_{0.975,4} * s / sqrt(n)
+    assert mean == 3.0 and low == pytest.approx(3 - half) and high == pytest.approx(3 + half)
+    assert evidence.t_quantile_975(1) == 12.706 and evidence.t_quantile_975(100) == 1.960
+    assert evidence.mean_interval([0.7]) == (0.7, -math.inf, math.inf)
+
+
+def test_differences_are_paired_by_seed_and_unpaired_seeds_are_dropped():
+    records = [rec("rslora", "t", s, 0.80 + 0.01 * s) for s in range(5)]
+    records += [rec("gora", "t", s, 0.80 + 0.01 * s + d) for s, d in enumerate([0.01, 0.02, 0.01, 0.02, 0.01])]
+    records.append(rec("gora", "t", 9, 0.10))  # no rslora run with seed 9: not paired, not counted
+    (entry,) = [e for e in evidence.paired_differences(records, ["rslora"]) if e["task"] == "t"]
+    assert entry["n_seeds"] == 5 and entry["mean_diff"] == pytest.approx(0.014)
+    assert entry["ci_low"] > 0 and evidence.verdict(entry) == "helps"
+    # Unpaired, the seed-to-seed spread (0.04) would swamp the 0.014 difference; paired, it cancels.
+
+
+def test_verdicts_follow_the_metric_direction_and_intervals_containing_zero_tie():
+    base = {"ci_low": -0.02, "ci_high": -0.01, "metric": "accuracy"}
+    assert evidence.verdict(base) == "hurts"
+    assert evidence.verdict({**base, "metric": "answer_loss"}) == "helps"  # lower loss is better
+    assert evidence.verdict({**base, "ci_high": 0.01}) == "tie"
+    assert evidence.verdict({**base, "ci_low": None}) == "tie"
+
+
+def test_unlearned_and_saturated_tasks_leave_averages_but_are_reported():
+    records = []
+    for s in range(3):
+        records += [rec("lora", "learned", s, 0.70 + 0.01 * s), rec("gora", "learned", s, 0.72 + 0.01 * s)]
+        records += [rec("lora", "unlearned", s, 0.33, majority=0.34), rec("gora", "unlearned", s, 0.30,
+                                                                          majority=0.34)]
+        records += [rec("lora", "saturated", s, 0.999), rec("gora", "saturated", s, 0.997)]
+    excluded = evidence.excluded_tasks(records)
+    assert set(excluded) == {"unlearned", "saturated"}
+    entries = {e["task"]: e for e in evidence.paired_differences(records, ["lora"])}
+    assert entries["unlearned"]["excluded_from_average"] and entries["saturated"]["excluded_from_average"]
+    assert entries["average"]["tasks"] == ["learned"]
+    assert entries["average"]["mean_diff"] == pytest.approx(0.02)
+
+
+def test_average_is_over_seeds_of_the_per_seed_mean_across_tasks():
+    records = []
+    for s, (da, db) in enumerate([(0.01, 0.03), (0.02, 0.00), (0.00, 0.04)]):
+        records += [rec("rslora", "a", s, 0.6), rec("gora", "a", s, 0.6 + da)]
+        records += [rec("rslora", "b", s, 0.7), rec("gora", "b", s, 0.7 + db)]
+    average = [e for e in evidence.paired_differences(records, ["rslora"]) if e["task"] == "average"][0]
+    per_seed = [0.02, 0.01, 0.02]
+    mean, low, high = evidence.mean_interval(per_seed)
+    assert average["n_seeds"] == 3
+    assert (average["mean_diff"], average["ci_low"], average["ci_high"]) == pytest.approx((mean, low, high))
+
+
+def test_write_evidence_reads_worker_parts_once_and_writes_table_and_plots(tmp_path):
+    curve = [{"step": 25, "train_loss": 0.7, "val_loss": 0.69, "val_metric": 0.5},
+             {"step": 50, "train_loss": 0.6, "val_loss": 0.60, "val_metric": 0.7}]
+    results = [rec(arm, "t", s, 0.7 + (0.01 if arm == "gora" else 0) + 0.001 * s, curve=curve)
+               for arm in ("lora", "rslora", "gora") for s in range(3)]
+    save_records(tmp_path / "results.w0.json", results[:5])
+    save_records(tmp_path / "results.w1.json", results[3:])  # overlaps the first part: counted once
+    selection = [rec(arm, "t", s, 0.0, lr=lr, val_loss=0.6 + abs(math.log10(lr) + 3), val_value=0.7, curve=curve)
+                 for arm in ("lora", "rslora", "gora") for s in (100, 101) for lr in (5e-4, 1e-3, 2e-3)]
+    save_records(tmp_path / "lr_search.json", selection)
+    written = evidence.write_evidence(tmp_path)
+    assert set(written) == {"paired.json", "paired.md", "paired_differences.png", "lr_sensitivity.png",
+                            "convergence.png"}
+    entries = json.loads((tmp_path / "paired.json").read_text())
+    gora_vs_lora = [e for e in entries if e["arm"] == "gora" and e["reference"] == "lora" and e["task"] == "t"][0]
+    assert gora_vs_lora["n_seeds"] == 3 and gora_vs_lora["mean_diff"] == pytest.approx(0.01)
+    assert "| t | gora | lora | 3 | +1.00 |" in (tmp_path / "paired.md").read_text()
+    assert evidence.common_lr(selection, "t", ["lora", "rslora", "gora"]) == 1e-3
+    assert all(p.stat().st_size > 0 for p in written.values())
+
+
+def test_an_empty_study_is_refused_with_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the study first"):
+        evidence.write_evidence(tmp_path)
