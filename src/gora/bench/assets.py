@@ -95,7 +95,7 @@ def export_assets(
     for name in tasks:
         try:
             pool = load_pool(name, data_dir="")
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ModuleNotFoundError) as err:
             logger.warning("Skipping %s: %s", name, err)
             continue
         pool.to_csv(out / f"{name}.csv.gz", index=False)

@@ -37,8 +37,10 @@ def bigbench_sdist_path() -> Path:
     path = Path(os.environ.get(SDIST_ENV) or Path.home() / ".cache" / "gora" / SDIST_NAME)
     if not path.is_file():
         raise FileNotFoundError(
-            f"BIG-bench sdist not found at {path}. Fetch it (download only, never install) with "
-            f"`pip download --no-deps bigbench==1.0.0 -d ~/.cache/gora`, or point {SDIST_ENV} at the file."
+            f"BIG-bench sdist not found at {path}. The package index no longer serves bigbench 1.0.0 (only 0.0.1, "
+            f"which holds no task data), so this task can only run from a copy you already have: point {SDIST_ENV} "
+            "at it. Tasks that install today: rotten_tomatoes, clinc150, yahoo_answers, tweet_sentiment "
+            "(scripts/setup.sh)."
         )
     return path
 

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 METHOD_IDS = ("full", "lora", "rslora", "dora", "loraplus", "pissa", "olora", "loraga", "eva", "adalora", "gora",
               "gora_loraplus")
-TASK_IDS = ("rotten_tomatoes", "vitaminc", "multiemo", "epistemic")
+TASK_IDS = ("rotten_tomatoes", "clinc150", "yahoo_answers", "tweet_sentiment", "vitaminc", "multiemo", "epistemic")
 
 
 THREADS_HELP = ("CPU threads for torch (default: torch's choice); on a shared machine use the cores actually free: "

