@@ -1,87 +1,54 @@
 """``GradientAccumulator``: streams each target weight's gradient into fp32 sums during backward.
 
-One ``register_post_accumulate_grad_hook`` per target weight fires once ``.grad`` is complete,
-adds it into an fp32 accumulator and drops it (``p.grad = None``). Backward produces gradients
-layer by layer, so about one full weight gradient is alive at a time (small ones are batched, below), and the
-last-computed layer is caught like the others (the official code's pre-accumulation hooks lose it). No hook ever
-sweeps the other parameters.
+One ``register_post_accumulate_grad_hook`` per target weight fires once ``.grad`` is complete, adds it into an
+fp32 sum and drops it (``p.grad = None``). Backward produces gradients layer by layer, so about one full weight
+gradient is alive at a time, and the last-computed layer is caught like the others (the official code's
+pre-accumulation hooks lose it). No hook ever sweeps the other parameters.
 
 Where the sums live:
 
-- on the model's device (default when 4 B per target parameter fits): one fp32 add per hook, except that small
-  gradients are held until ``BATCH_ADD_BYTES`` of them are pending (``CPU_BATCH_ADD_BYTES`` for CPU sums), or
-  backward ends, and added with one ``torch._foreach_add_``: every op issued from a hook costs µs of host time
-  inside backward, which is what a launch-bound step (a small model on a GPU) pays per layer. A gradient of
-  the budget or more is added at once, as before;
-- CUDA model, CPU sums (``offload``): the hook copies the gradient, in its own dtype, into a
-  pinned staging buffer without blocking and a worker thread adds it into the CPU sum once the
-  copy's event has fired, so backward keeps running while the host adds;
-- sums in CPU memory of a bf16/fp16 gradient (offload, or a low-precision model on the CPU): ``host_add_``
-  converts row blocks into a reused fp32 buffer and adds from there, 5x faster than torch's mixed-dtype ``add_``;
-- sketch path: per hook ``S += G Aᵀ`` and ``F += (W ⊙ G) Ω`` in row blocks of at most
-  ``SKETCH_BLOCK_ELEMENTS`` entries, in two reused fp32 buffers: the temporaries stay small next to the
-  gradient, and no fresh large allocation per hook fragments the CPU heap.
+- on the model's device (default when 4 B per target parameter fits): small gradients are held until
+  ``BATCH_ADD_BYTES`` of them are pending (``CPU_BATCH_ADD_BYTES`` for CPU sums), or backward ends, and added with
+  one ``torch._foreach_add_``: every op issued from a hook costs µs of host time inside backward, which is what a
+  launch-bound step (a small model on a GPU) pays per layer. A gradient of the budget or more is added at once;
+- CUDA model, CPU sums (``offload``): :class:`~gora.offload.PinnedOffload` adds on a worker thread;
+- sums in CPU memory of a bf16/fp16 gradient: :func:`~gora.host_add.host_add_`;
+- sketch path: two thin sums per layer instead of the gradient's, :func:`~gora.sketch.sketch_add_`.
 
-Inside the ``with`` block only target weights require grad; on exit every ``requires_grad`` flag,
-``.grad``, module mode and hook is restored, also after an exception or ``KeyboardInterrupt``.
-The weights themselves are never written. ``GradientCheckpointing`` does the same for the
-model's own gradient checkpointing.
+NaN/Inf are found without a device sync per hook: each step's probes are checked at once in :meth:`end_step`, or
+kept on the device until :meth:`first_failure` (:meth:`defer_step`). Inside the ``with`` block only target weights
+require grad; on exit every ``requires_grad`` flag, ``.grad``, module mode and hook is restored, also after an
+exception or ``KeyboardInterrupt``. The weights themselves are never written.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import queue
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .errors import GoraUnsupportedError
+from .checkpointing import GradientCheckpointing
+from .host_add import HOST_ADD_CHUNK, host_add_
+from .offload import STAGING_BUFFERS, PinnedOffload
+from .sketch import SKETCH_BLOCK_ELEMENTS, SketchOperators, sketch_add_
 from .targets import TargetLayer
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "BATCH_ADD_BYTES", "CPU_BATCH_ADD_BYTES", "GradientAccumulator", "LayerSums", "probe_flags",
+    # defined in their own modules, importable from here as before
+    "GradientCheckpointing", "HOST_ADD_CHUNK", "PinnedOffload", "SKETCH_BLOCK_ELEMENTS", "STAGING_BUFFERS",
+    "SketchOperators", "host_add_",
+]
 
-SKETCH_BLOCK_ELEMENTS = 1 << 22
-"""Largest fp32 temporary of the sketch hook (16 MiB): rows of G are projected in blocks of this many entries."""
-STAGING_BUFFERS = 3
-"""Pinned staging buffers of the CUDA → CPU offload (copies in flight while the host adds)."""
 BATCH_ADD_BYTES = 16 << 20
 """Gradients held for one batched add at most, for sums on an accelerator (16 MiB); 0 adds every gradient in its own
 hook. There an add is host-bound (µs of Python and launch against a fraction of a µs of memory traffic)."""
 CPU_BATCH_ADD_BYTES = 64 << 10
 """The same for sums in CPU memory (64 KiB): there a held gradient leaves the cache before its add, which costs more
 than the host time saved, except for small gradients (tiny layers), which this budget still batches."""
-HOST_ADD_CHUNK = 1 << 20
-"""Entries converted to fp32 at a time by :func:`host_add_` (4 MiB: stays in cache between convert and add)."""
-
-
-def host_add_(total: Tensor, grad: Tensor, alpha: float, workspace: Tensor) -> None:
-    """``total += alpha * grad`` on the CPU, for an fp32 ``total`` and a gradient of any float dtype.
-
-    torch's CPU ``add_`` with a bf16/fp16 operand and an fp32 result is not vectorised: it casts element by
-    element (5x slower than a bf16 → fp32 ``copy_`` followed by an fp32 ``add_``, measured by
-    ``benchmarks/estimation_cost/host_add.py``). So a low-precision gradient is converted in row blocks of at most
-    ``workspace.numel()`` entries into the reused fp32 ``workspace`` (exact) and added from there; the block
-    stays in cache between the two passes. Same values as ``total.add_(grad, alpha=alpha)``.
-    """
-    if grad.dtype == torch.float32:
-        total.add_(grad, alpha=alpha)
-        return
-    if grad.dim() != 2:
-        raise ValueError(f"host_add_ expects a 2-D gradient, got shape {tuple(grad.shape)}")
-    rows, cols = grad.shape
-    block = max(1, workspace.numel() // max(cols, 1))
-    if block * cols > workspace.numel():  # one row is longer than the workspace: plain (slow) add
-        total.add_(grad, alpha=alpha)
-        return
-    for start in range(0, rows, block):
-        part = slice(start, start + block)
-        converted = workspace[: min(block, rows - start) * cols].view(-1, cols).copy_(grad[part])
-        total[part].add_(converted, alpha=alpha)
 
 
 def probe_flags(probes: list[Tensor]) -> Tensor:
@@ -99,14 +66,6 @@ class LayerSums:
     grad: Tensor | None = None  # Σ_t G_t, (out, in), fp32
     proj: Tensor | None = None  # Σ_t G_t A_maxᵀ, (out, r_max), fp32 (sketch)
     frob: Tensor | None = None  # Σ_t (W ⊙ G_t) Ω, (out, k), fp32 (sketch)
-
-
-@dataclass
-class SketchOperators:
-    """Per-layer fixed matrices of the sketch path, on the accumulation device, fp32."""
-
-    a_max_t: Tensor  # A_maxᵀ, (in, r_max)
-    omega: Tensor  # (in, k), standard Gaussian
 
 
 class GradientAccumulator:
@@ -352,211 +311,14 @@ class GradientAccumulator:
             buffer = self._workspaces[key] = torch.empty(entries, dtype=torch.float32, device=device)
         return buffer
 
-    def _workspace(self, device: torch.device, slot: int, shape: tuple[int, int]) -> Tensor:
-        """The slot's ``SKETCH_BLOCK_ELEMENTS``-entry buffer (see :meth:`_buffer`), viewed as ``shape``."""
-        return self._buffer(device, slot, SKETCH_BLOCK_ELEMENTS)[: shape[0] * shape[1]].view(shape)
-
     def _accumulate_sketch(self, sums: LayerSums, ops: SketchOperators, target: TargetLayer, grad: Tensor) -> Tensor:
-        """S += G A_maxᵀ and F += (W ⊙ G) Ω, in fp32, over row blocks of G (bounded temporaries)."""
+        """S += G A_maxᵀ and F += (W ⊙ G) Ω (see :func:`~gora.sketch.sketch_add_`); returns S, the probe."""
         device = ops.a_max_t.device
-        out_features, in_features = grad.shape
-        if sums.proj is None:
-            sums.proj = torch.zeros(out_features, ops.a_max_t.shape[1], dtype=torch.float32, device=device)
-            sums.frob = torch.zeros(out_features, ops.omega.shape[1], dtype=torch.float32, device=device)
-        weight = target.weight_out_in().detach()
-        inv_scale = 1.0 / self.scale
-        rows = max(1, SKETCH_BLOCK_ELEMENTS // max(in_features, 1))
-        as_is = grad.dtype == torch.float32 and grad.device == device and inv_scale == 1.0
-        for start in range(0, out_features, rows):
-            block = slice(start, start + rows)
-            shape = (min(rows, out_features - start), in_features)
-            if as_is:
-                g = grad[block]  # a view: no copy
-            else:
-                g = self._workspace(device, 0, shape).copy_(grad[block])  # fp32, exact for bf16/fp16
-                if inv_scale != 1.0:
-                    g.mul_(inv_scale)
-            sums.proj[block].addmm_(g, ops.a_max_t)
-            weighted = torch.mul(g, weight[block].to(device), out=self._workspace(device, 1, shape))  # W ⊙ G, fp32
-            sums.frob[block].addmm_(weighted, ops.omega)
+        if sums.proj is None or sums.frob is None:
+            sums.proj = torch.zeros(grad.shape[0], ops.a_max_t.shape[1], dtype=torch.float32, device=device)
+            sums.frob = torch.zeros(grad.shape[0], ops.omega.shape[1], dtype=torch.float32, device=device)
+        sketch_add_(sums.proj, sums.frob, ops, target.weight_out_in().detach(), grad, 1.0 / self.scale,
+                    functools.partial(self._buffer, device))
         # NaN/Inf in G reaches this step's S (every entry of A_max is non-zero, and NaN·0 is NaN too): probe the small
         # running projection instead of reading the whole gradient a second time.
         return sums.proj
-
-
-class PinnedOffload:
-    """CUDA → CPU gradient sums: non-blocking copies into pinned buffers, fp32 adds on a worker thread.
-
-    ``add`` returns as soon as the copy is queued on the gradient's stream; it only waits when all
-    ``STAGING_BUFFERS`` buffers are still in flight (the host is the bottleneck then). The gradient's
-    memory may be reused by later kernels once the hook drops it: they run on the same stream, after
-    the copy. ``drain`` waits for every add and re-raises a worker error.
-    """
-
-    def __init__(self, capacity: int, buffers: int = STAGING_BUFFERS) -> None:
-        self.capacity = capacity  # entries of the largest gradient
-        self.buffers = buffers
-        self._free: dict[torch.dtype, queue.Queue] = {}
-        self._work: queue.Queue = queue.Queue()
-        self._workspace = torch.empty(min(HOST_ADD_CHUNK, capacity), dtype=torch.float32)  # the worker's only
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="gora-offload", daemon=True)
-        self._thread.start()
-
-    def add(self, total: Tensor, grad: Tensor, alpha: float) -> None:
-        if self._error is not None:
-            self.drain()
-        free = self._free.get(grad.dtype)
-        if free is None:  # pinned buffers per gradient dtype, made once
-            free = self._free[grad.dtype] = queue.Queue()
-            for _ in range(self.buffers):
-                free.put(torch.empty(self.capacity, dtype=grad.dtype, pin_memory=True))
-        buffer = free.get()
-        staging = buffer[: grad.numel()].view(grad.shape)
-        staging.copy_(grad, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(grad.device))
-        self._work.put((event, staging, total, alpha, buffer, free))
-
-    def _run(self) -> None:
-        while True:
-            item = self._work.get()
-            if item is None:
-                self._work.task_done()
-                return
-            event, staging, total, alpha, buffer, free = item
-            try:
-                event.synchronize()
-                if self._error is None:
-                    host_add_(total, staging, alpha, self._workspace)  # fp32 sum of a bf16/fp16/fp32 gradient
-            except BaseException as err:  # noqa: BLE001 - handed to the caller in drain()
-                self._error = err
-            finally:
-                free.put(buffer)
-                self._work.task_done()
-
-    def drain(self) -> None:
-        self._work.join()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"adding an offloaded gradient on the host failed: {error}") from error
-
-    def close(self) -> None:
-        """Stop the worker (after the queued adds); safe to call twice."""
-        if self._thread.is_alive():
-            self._work.put(None)
-            self._thread.join()
-
-
-_CHECKPOINT_ATTRS = ("gradient_checkpointing", "_gradient_checkpointing_func", "_require_grads_hooks",
-                     "_require_grads_hook")
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
-_HOOK_COMPANIONS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
-
-
-class GradientCheckpointing:
-    """Context manager: the model's own gradient checkpointing during estimation, restored exactly on exit.
-
-    Calls ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})``
-    (Hugging Face models). Hugging Face blocks checkpoint only while the *block* is in train mode
-    (``GradientCheckpointingLayer.__call__`` tests ``self.training``), and models load in eval mode. Switching
-    the block to train mode would also switch on the dropout some blocks apply themselves
-    (``F.dropout(x, p=self.dropout, training=self.training)`` in BART and Whisper layers), so an eval-mode block
-    is left in eval mode and its ``forward`` is checkpointed instead (non-reentrant ``torch.utils.checkpoint``,
-    with the cache switched off as Hugging Face does): estimation stays deterministic and recomputation is
-    exact. On exit the checkpointing attributes, the forward hooks ``enable_input_require_grads`` registers, the
-    wrapped ``forward`` and the flags are put back as they were. Non-reentrant checkpointing needs no input that
-    requires grad.
-
-    Raises:
-        GoraUnsupportedError: the model has no ``gradient_checkpointing_enable`` or does not support it.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self._saved_attrs: list[tuple[nn.Module, dict]] = []
-        self._saved_hooks: list[tuple[nn.Module, dict[str, set]]] = []
-        self._saved_modes: list[tuple[nn.Module, bool]] = []
-        self._wrapped: list[tuple[nn.Module, Any]] = []  # (block, its own instance ``forward`` before, or None)
-
-    def __enter__(self) -> "GradientCheckpointing":
-        enable = getattr(self.model, "gradient_checkpointing_enable", None)
-        if not callable(enable):
-            raise GoraUnsupportedError(
-                f"gradient_checkpointing=True needs a model with gradient_checkpointing_enable() (a transformers "
-                f"PreTrainedModel); {type(self.model).__name__} has none. Set GoraConfig(gradient_checkpointing="
-                "False), or checkpoint inside loss_fn with torch.utils.checkpoint."
-            )
-        modules = list(self.model.modules())
-        self._saved_attrs = [(m, {a: m.__dict__[a] for a in _CHECKPOINT_ATTRS if a in m.__dict__}) for m in modules]
-        self._saved_hooks = [(m, {d: set(getattr(m, d)) for d in _HOOK_DICTS}) for m in modules]
-        self._saved_modes = [(m, m.training) for m in modules]
-        try:
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            switched = self._checkpoint_eval_blocks(modules)
-        except BaseException as err:
-            self._restore()
-            if isinstance(err, ValueError):  # transformers: "... does not support gradient checkpointing"
-                raise GoraUnsupportedError(f"{err} Set GoraConfig(gradient_checkpointing=False).") from err
-            raise
-        if not switched:
-            logger.warning("gradient_checkpointing=True: %s has no checkpointing blocks that act in eval mode; "
-                           "checkpointing only acts in train mode (GoraConfig(train_mode=True)).",
-                           type(self.model).__name__)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._restore()
-
-    def _checkpoint_eval_blocks(self, modules: list[nn.Module]) -> int:
-        """Checkpoint the blocks Hugging Face would checkpoint in train mode; returns how many will checkpoint."""
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        blocks = [m for m in modules if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-        for block in blocks:
-            if not block.training:  # in train mode Hugging Face's own __call__ checkpoints it
-                self._wrapped.append((block, block.__dict__.get("forward")))
-                block.forward = _checkpointed(block.forward, block._gradient_checkpointing_func)
-        return len(blocks)
-
-    def _restore(self) -> None:
-        for block, forward in reversed(self._wrapped):
-            if forward is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = forward
-        self._wrapped = []
-        for module, hooks in self._saved_hooks:
-            for dict_name, kept in hooks.items():
-                for key in set(getattr(module, dict_name)) - kept:
-                    getattr(module, dict_name).pop(key, None)
-                    for companion in _HOOK_COMPANIONS:
-                        getattr(module, companion, {}).pop(key, None)
-        for module, attrs in self._saved_attrs:
-            for name in _CHECKPOINT_ATTRS:
-                if name in attrs:
-                    module.__dict__[name] = attrs[name]
-                elif name in module.__dict__:
-                    del module.__dict__[name]
-        for module, mode in self._saved_modes:
-            module.training = mode
-        self._saved_hooks, self._saved_attrs, self._saved_modes = [], [], []
-
-
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
-
-
-def _checkpointed(forward, checkpoint):
-    """``forward`` run through the block's own ``_gradient_checkpointing_func`` (set by
-    ``gradient_checkpointing_enable``) without a cache, as ``GradientCheckpointingLayer.__call__`` does in train
-    mode: a cache would be written twice, once more by the recomputation."""
-
-    def checkpointed_forward(*args, **kwargs):
-        if kwargs.get("use_cache"):
-            kwargs["use_cache"] = False
-        for name in _CACHE_KWARGS:
-            if kwargs.get(name) is not None:
-                kwargs[name] = None
-        return checkpoint(functools.partial(forward, **kwargs), *args)
-
-    return checkpointed_forward

@@ -14,6 +14,7 @@ from peft import LoraConfig
 from torch.nn.modules import module as nn_module
 
 import gora.accumulate
+import gora.offload
 import gora.peft_bridge
 from conftest import _bert_config, make_bert_batches
 from gora import GoraConfig, apply_gora, estimate_gora
@@ -216,7 +217,7 @@ def test_interrupt_with_the_pinned_offload_leaves_the_model_as_before(prepared_b
     model = prepared_bert.cuda()  # the user's .grad tensors move with their parameters
     made = []  # every PinnedOffload the estimation makes, and how many gradients it was handed
 
-    class RecordingOffload(gora.accumulate.PinnedOffload):
+    class RecordingOffload(gora.offload.PinnedOffload):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.adds = 0

@@ -11,8 +11,8 @@ from peft import LoraConfig
 from torch import nn
 
 from conftest import make_bert_batches, make_lm_batches, tiny_llama
-from gora import GoraConfig, accumulate
-from gora.accumulate import SketchOperators
+from gora import GoraConfig, accumulate, offload
+from gora.sketch import SketchOperators
 from gora.errors import GoraNumericalError, GoraUnsupportedError
 from gora.estimation import accumulation_device, model_device, run_estimation
 from gora.initialization import draw_a, draw_omega
@@ -202,7 +202,7 @@ def test_sketch_row_blocks_equal_one_block_and_full_projection(monkeypatch):
     batches = make_lm_batches(3)
     targets, full = _run(model, LLAMA_TARGETS, batches)
     _, one_block = _run(model, LLAMA_TARGETS, batches, sketch=True)
-    monkeypatch.setattr(accumulate, "SKETCH_BLOCK_ELEMENTS", 100)  # a few rows per block
+    monkeypatch.setattr("gora.sketch.SKETCH_BLOCK_ELEMENTS", 100)  # a few rows per block
     before = _snapshot(model)
     _, blocks = _run(model, LLAMA_TARGETS, batches, sketch=True)
     _assert_restored(model, before)
@@ -339,12 +339,12 @@ def test_cuda_offloaded_sums_equal_device_sums(dtype):
 def test_cuda_offload_worker_error_is_raised_and_model_restored(monkeypatch):
     model = tiny_llama().cuda()
     before = _snapshot(model)
-    original = accumulate.PinnedOffload.add
+    original = offload.PinnedOffload.add
 
     def add_into_wrong_shape(self, total, grad, alpha):
         original(self, total[:1], grad, alpha)  # the worker's add_ cannot broadcast (out, in) into (1, in)
 
-    monkeypatch.setattr(accumulate.PinnedOffload, "add", add_into_wrong_shape)
+    monkeypatch.setattr(offload.PinnedOffload, "add", add_into_wrong_shape)
     with pytest.raises(RuntimeError, match="adding an offloaded gradient on the host failed"):
         _run(model, LLAMA_TARGETS, [{k: v.cuda() for k, v in b.items()} for b in make_lm_batches(2)], offload=True)
     _assert_restored(model, before)

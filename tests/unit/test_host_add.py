@@ -8,7 +8,7 @@ from peft import LoraConfig
 
 from conftest import make_lm_batches, tiny_gpt2, tiny_llama
 from gora import GoraConfig
-from gora.accumulate import host_add_
+from gora.host_add import host_add_
 from gora.estimation import run_estimation
 from gora.targets import resolve_targets
 
