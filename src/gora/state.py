@@ -166,7 +166,7 @@ class GoraState:
                 C={k[3:]: v for k, v in tensors.items() if k.startswith("C::")},
                 skipped=_str_dict(meta, "skipped", _str, default={}),
                 reference_rank=_int(meta["reference_rank"], minimum=1),
-                lora_alpha=_float(meta["lora_alpha"]),
+                lora_alpha=_float(meta["lora_alpha"], positive=True),
                 gamma=_float(meta["gamma"]),
                 seed=_int(meta["seed"], minimum=0),
                 config=_dict(meta.get("config", {})),
@@ -180,7 +180,7 @@ class GoraState:
                 model_class=_str(meta.get("model_class", "")),
                 notes=_dict(meta.get("notes", {})),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
             raise GoraStateError(f"{path / META_FILE} is malformed ({error}); re-run estimate_gora.") from None
         unexpected = sorted((set(state.A) | set(state.C)) - set(state.adapted))
         if unexpected:
@@ -254,9 +254,7 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != "gora-state":
         raise GoraStateError(f"{meta_path} is not a GoRA state file.")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise GoraStateError(
-            f"{meta_path} has format version {meta.get('format_version')!r}; this gora reads version {FORMAT_VERSION}."
-        )
+        raise GoraStateError(_version_refusal(meta_path, meta.get("format_version"), meta.get("versions")))
     for key in ("meta_sha256", "tensors_sha256", "tensors_bytes", "ranks", "shapes"):
         if key not in meta:
             raise GoraStateError(f"{meta_path} lacks {key!r}; the file is damaged. Re-run estimate_gora.")
@@ -268,6 +266,24 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         raise GoraStateError(f"{meta_path} does not match its own checksum (edited or corrupted); "
                              "re-run estimate_gora and save the state again.")
     return meta
+
+
+def _version_refusal(meta_path: Path, version: Any, versions: Any) -> str:
+    """What to do about a state of another format version: the gora-peft that wrote it, or re-estimation."""
+    from . import __version__
+
+    writer = versions.get("gora-peft") if isinstance(versions, dict) else None
+    writer = writer if isinstance(writer, str) and writer not in ("", "not installed") else None
+    newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+    if newer:
+        reader = f"gora-peft {writer}" if writer else "the newer gora-peft that wrote it"
+        upgrade = f"pip install 'gora-peft>={writer}'" if writer else "pip install --upgrade gora-peft"
+        return (f"{meta_path} has format version {version}, written by {reader}; this gora-peft {__version__} reads "
+                f"format version {FORMAT_VERSION}. Load it with {reader} ({upgrade}), or re-run estimate_gora with "
+                "this version.")
+    return (f"{meta_path} has format version {version!r}; this gora-peft {__version__} reads format version "
+            f"{FORMAT_VERSION}. Re-run estimate_gora with this version"
+            f"{f' (or load it with gora-peft {writer}, which wrote it)' if writer else ''}.")
 
 
 def _read_tensors(tensor_path: Path, meta: dict[str, Any]) -> dict[str, Tensor]:
@@ -296,10 +312,18 @@ def _int(value: Any, minimum: int) -> int:
     return value
 
 
-def _float(value: Any) -> float:
+def _float(value: Any, *, positive: bool = False) -> float:
+    """A finite number (an integer beyond float's range, such as 1 followed by 400 zeros, is refused too)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"expected a number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"expected a number within float's range, got an integer of {len(str(value))} digits") \
+            from None
+    if not math.isfinite(number) or (positive and number <= 0):
+        raise ValueError(f"expected a finite number{' > 0' if positive else ''}, got {number!r}")
+    return number
 
 
 def _str(value: Any) -> str:

@@ -121,7 +121,8 @@ def test_every_truncation_of_either_file_is_refused(template, name):
 
 # -- structure-level: valid files, random content, checksums re-computed --------------------------
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**30, 10**30) | st.floats(allow_nan=True, allow_infinity=True)
+    st.none() | st.booleans() | st.integers(-10**30, 10**30) | st.integers(-10**400, 10**400)
+    | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=8),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
     max_leaves=12,
@@ -155,6 +156,12 @@ def _load_with_meta(template_dir: Path, meta: dict):
     {"ranks": ["enc.0.q", 2]},
     {"gamma": None},
     {"tensors_bytes": "1024"},
+    {"gamma": 10**400},  # float(10**400) would raise OverflowError
+    {"estimation_seconds": 10**400},
+    {"importance": {"enc.0.q": 10**400, "enc.0.v": 0.75}},
+    {"importance": {"enc.0.q": 1e400, "enc.0.v": 0.75}},  # json reads 1e400 as inf: not a score
+    {"lora_alpha": 1e400},
+    {"lora_alpha": 0},
 ])
 def test_hand_edited_json_values_that_break_naive_parsing_are_refused(template, edits):
     template_dir, _, originals = template

@@ -306,6 +306,18 @@ def test_foreign_or_future_json_is_refused(saved, edit, message):
         GoraState.load(saved)
 
 
+def test_a_state_of_a_newer_format_names_the_gora_peft_version_that_reads_it(saved):
+    meta = json.loads((saved / META_FILE).read_text())
+    meta.update(format_version=gora.state.FORMAT_VERSION + 1, versions={"gora-peft": "7.1.0"})
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(GoraStateError, match=r"written by gora-peft 7\.1\.0.*pip install 'gora-peft>=7\.1\.0'"):
+        GoraState.load(saved)
+    meta.pop("versions")  # no record of the writer: still says what to do
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(GoraStateError, match="newer gora-peft that wrote it.*pip install --upgrade gora-peft"):
+        GoraState.load(saved)
+
+
 def test_a_peft_adapter_directory_is_not_taken_for_a_state(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 8}))
