@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from .errors import GoraStateError
+
+logger = logging.getLogger(__name__)
 
 RANK_PLOT_FILE = "gora_ranks.png"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's names
@@ -56,40 +60,110 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     same kind) or is one of :data:`DERIVED_FILES`: a directory holding anything else, or a file, is refused
     rather than deleted.
 
+    Directories that earlier saves to ``path`` left when they were killed (SIGKILL, power loss) are removed:
+    see :func:`clean_leftovers`.
+
     Raises:
         GoraStateError: ``path`` is a file, a directory holding entries the new save does not rewrite, or cannot
-            be written.
+            be written (an ``OSError`` such as a full disk, chained as the cause; ``path`` is left as it was).
     """
     final = Path(os.path.abspath(path))
     if final.exists() and not final.is_dir():
         raise GoraStateError(f"{final} exists and is a file, not a directory; save to another path or remove it.")
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / _scratch_name(final, "tmp")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     except OSError as error:  # read-only or missing permissions: nothing was written
         raise GoraStateError(f"cannot write {final} ({error.strerror or error}); "
                              "choose an output path in a directory you can write to.") from error
+    stale = clean_leftovers(final, keep_backups=False)  # a killed earlier save's directories; backups go after success
     try:
-        yield tmp
-        _fsync_tree(tmp)
-        if final.exists():
-            _check_replaceable(final, tmp)
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            try:
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+            if final.exists():
+                _check_replaceable(final, tmp)
+                old = final.parent / _scratch_name(final, "old")
+                os.replace(final, old)
+                try:
+                    os.replace(tmp, final)
+                except BaseException:  # interrupted between the two renames: put the previous version back
+                    if not final.exists():
+                        os.replace(old, final)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
                 os.replace(tmp, final)
-            except BaseException:  # interrupted between the two renames: put the previous version back
-                if not final.exists():
-                    os.replace(old, final)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_directory(final.parent)
+            _fsync_directory(final.parent)
+        except OSError as error:  # disk full, quota, I/O error: the previous save at ``final`` is untouched
+            what = "the previous save there is unchanged" if final.exists() else "nothing was written there"
+            raise GoraStateError(f"cannot write {final} ({error.strerror or error}); {what}. Free some space "
+                                 "(or fix the file system) and save again, or save to another path.") from error
+        for backup in stale:  # the new save replaced what a killed save had kept as a backup
+            shutil.rmtree(backup, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+_SCRATCH = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}")
+
+
+def _scratch_name(final: Path, kind: str) -> str:
+    """``.NAME.tmp-PID-XXXXXXXX`` (the save being written) or ``.NAME.old-PID-XXXXXXXX`` (the version it replaces):
+    the process id tells a later save whether the directory's writer is still running."""
+    return f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _leftovers(final: Path) -> list[tuple[Path, str, bool]]:
+    """``(directory, kind, writer alive)`` for the scratch directories of saves to ``final`` (names matched exactly:
+    another target's scratch directories, such as those of ``NAME.tmp-1``, are never taken for these)."""
+    if not final.parent.is_dir():
+        return []
+    found = []
+    for entry in final.parent.iterdir():
+        match = _SCRATCH.fullmatch(entry.name)
+        if match and match["name"] == final.name and entry.is_dir() and not entry.is_symlink():
+            found.append((entry, match["kind"], match["pid"] is not None and _process_alive(int(match["pid"]))))
+    return sorted(found)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs on this machine (another user's process counts as running)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def clean_leftovers(path: str | os.PathLike, *, keep_backups: bool = True) -> list[Path]:
+    """Remove what saves to ``path`` killed mid-way (SIGKILL, power loss) left beside it; return the backups kept.
+
+    A ``.NAME.tmp-*`` directory is an unfinished save: removed. A ``.NAME.old-*`` directory is the previous version
+    that a save moved aside: removed when ``path`` exists (the save completed), kept (and returned) when ``path`` is
+    missing, since it is then the only complete copy, unless ``keep_backups`` is false (a new save is about to take
+    its place: the caller removes them once that save is complete). Directories of a save still running (its process
+    is alive) are left alone.
+    """
+    final = Path(os.path.abspath(path))
+    kept = []
+    for entry, kind, alive in _leftovers(final):
+        if alive:
+            continue
+        if kind == "old" and not final.exists():
+            kept.append(entry)
+            if keep_backups:
+                continue
+        if kind == "tmp" or final.exists():
+            logger.info("removing %s, left by a save to %s that was killed mid-way", entry, final)
+            shutil.rmtree(entry, ignore_errors=True)
+    return kept
 
 
 def _check_replaceable(final: Path, new: Path) -> None:
@@ -143,6 +217,5 @@ def sha256_file(path: str | os.PathLike) -> str:
 def interrupted_saves(path: str | os.PathLike) -> list[Path]:
     """Previous versions of ``path`` left as ``.NAME.old-*`` by a save killed between its two renames (oldest first)."""
     final = Path(os.path.abspath(path))
-    if not final.parent.is_dir():
-        return []
-    return sorted((p for p in final.parent.glob(f".{final.name}.old-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    backups = [entry for entry, kind, _ in _leftovers(final) if kind == "old"]
+    return sorted(backups, key=lambda p: p.stat().st_mtime)

@@ -19,7 +19,8 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .atomic import META_FILE, TENSOR_FILE, atomic_directory, interrupted_saves, sha256_bytes, sha256_file
+from .atomic import (META_FILE, TENSOR_FILE, atomic_directory, clean_leftovers, interrupted_saves, sha256_bytes,
+                     sha256_file)
 from .errors import GoraStateError
 
 FORMAT_VERSION = 1
@@ -58,6 +59,10 @@ class GoraState:
     model_class: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
     """Diagnostics: early stop of adaptive steps, the adaptive-gamma scan, fp16 loss scale."""
+    init_stats: dict[str, Any] = field(default_factory=dict)
+    """The initial step: ``relative_delta`` (‖ΔW₀‖_F/‖W₀‖_F over adapted layers), ``per_layer``, ``loss_w0`` and
+    ``loss_after`` (held-out loss at W₀ and after initialisation; None without held-out batches), ``loss_se``,
+    ``gamma``. Empty for states saved before these diagnostics existed."""
 
     # -- views ----------------------------------------------------------------------------
     @property
@@ -85,6 +90,10 @@ class GoraState:
             f"({self.actual_params / max(self.budget, 1):.1%}); {spread}; "
             f"{self.num_steps} steps, {self.num_samples} samples, gamma={self.gamma:g}"
         )
+        from .diagnostics import describe  # the initial step's size and held-out loss change, when recorded
+
+        if describe(self.init_stats):
+            rows.append(describe(self.init_stats))
         return "\n".join(rows)
 
     def __repr__(self) -> str:
@@ -103,8 +112,9 @@ class GoraState:
         later damage is detected by ``load``. An interrupted save leaves ``directory`` as it was.
 
         Raises:
-            GoraStateError: the state is inconsistent, holds notes or a config that are not JSON, or
-                ``directory`` is a file or a directory with other content.
+            GoraStateError: the state is inconsistent, holds notes or a config that are not JSON,
+                ``directory`` is a file or a directory with other content, or the files cannot be written (disk
+                full: the message names the path; a previous state there stays intact).
         """
         self.validate()
         meta = self._metadata()
@@ -144,11 +154,15 @@ class GoraState:
             "versions": self.versions,
             "model_class": self.model_class,
             "notes": self.notes,
+            "init_stats": self.init_stats,
         }
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "GoraState":
         """Load a saved state.
+
+        Directories that saves killed mid-way left beside ``directory`` (``.NAME.tmp-*``, and ``.NAME.old-*`` once
+        the state here is complete) are removed; they are never read as the state.
 
         Raises:
             GoraStateError: the directory is missing, a file is missing, truncated or corrupted (size or
@@ -179,6 +193,7 @@ class GoraState:
                 versions=_str_dict(meta, "versions", _str, default={}),
                 model_class=_str(meta.get("model_class", "")),
                 notes=_dict(meta.get("notes", {})),
+                init_stats=_dict(meta.get("init_stats", {})),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as error:
             raise GoraStateError(f"{path / META_FILE} is malformed ({error}); re-run estimate_gora.") from None
@@ -187,6 +202,7 @@ class GoraState:
             raise GoraStateError(f"{path / TENSOR_FILE} holds tensors for {unexpected[:5]}, which the state does "
                                  "not adapt; the files do not belong together. Re-run estimate_gora.")
         state.validate()
+        clean_leftovers(path)  # what saves killed mid-way left beside this complete state
         return state
 
     def validate(self) -> None:
@@ -238,6 +254,7 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         what = "is a file, not a directory" if path.exists() else "does not exist"
         hint = "Save one with state.save(path)."
+        clean_leftovers(path)  # unfinished saves go; a backup (the only complete copy) stays
         earlier = interrupted_saves(path)
         if earlier:
             hint = (f"A save was interrupted while swapping directories; the previous complete state is at "

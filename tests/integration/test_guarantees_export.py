@@ -80,17 +80,25 @@ FAULTS = {
 }
 
 
-def _injected(error: BaseException) -> str | None:
-    """``match=`` for the injected error: a disk-full OSError must be that one, not any other OSError on the way."""
-    return "No space left on device" if isinstance(error, OSError) else None
+def _expected(error: BaseException) -> tuple[type, str | None]:
+    """What export raises for the injected fault: a disk-full OSError becomes a GoraStateError naming the path and
+    the OSError's reason (chained as its cause); an interrupt passes through as itself."""
+    if isinstance(error, OSError):
+        return GoraStateError, r"cannot write \S*adapter \(No space left on device\)"
+    return type(error), None
+
+
+def _injected(raised: BaseException) -> BaseException:
+    """The fault behind what export raised: the GoraStateError's cause, or the interrupt itself."""
+    return raised.__cause__ if isinstance(raised, GoraStateError) else raised
 
 
 @pytest.mark.parametrize("fault, error", FAULTS.values(), ids=FAULTS.keys())
 def test_interrupted_first_export_leaves_nothing_under_the_final_name(peft_model, tmp_path, monkeypatch, fault, error):
     fault(monkeypatch, error)
-    with pytest.raises(type(error), match=_injected(error)) as raised:
+    with pytest.raises(_expected(error)[0], match=_expected(error)[1]) as raised:
         export_adapter(peft_model, tmp_path / "adapter")
-    assert raised.value is error  # the injected fault itself was reached and passed through
+    assert _injected(raised.value) is error  # the injected fault itself was reached
     assert not (tmp_path / "adapter").exists()
     assert _leftovers(tmp_path) == []
 
@@ -109,9 +117,9 @@ def test_interrupted_export_keeps_the_previous_export_intact(peft_model, tmp_pat
     with torch.no_grad():  # the next export would differ
         next(p for n, p in peft_model.named_parameters() if "lora_B" in n).add_(1.0)
     fault(monkeypatch, error)
-    with pytest.raises(type(error), match=_injected(error)) as raised:
+    with pytest.raises(_expected(error)[0], match=_expected(error)[1]) as raised:
         export_adapter(peft_model, tmp_path / "adapter", portable=portable)
-    assert raised.value is error  # the injected fault itself was reached and passed through
+    assert _injected(raised.value) is error  # the injected fault itself was reached
     monkeypatch.undo()
     assert _contents(tmp_path / "adapter") == before
     assert _leftovers(tmp_path) == []

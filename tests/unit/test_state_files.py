@@ -102,17 +102,25 @@ INTERRUPTIONS = {
 }
 
 
-def _injected(error: BaseException) -> str | None:
-    """``match=`` for the injected error: a disk-full OSError must be that one, not any other OSError on the way."""
-    return "No space left on device" if isinstance(error, OSError) else None
+def _expected(error: BaseException) -> tuple[type, str | None]:
+    """What save raises for the injected fault: a disk-full OSError becomes a GoraStateError naming the path and the
+    OSError's reason (the OSError chained as its cause); an interrupt passes through as itself."""
+    if isinstance(error, OSError):
+        return GoraStateError, r"cannot write \S*state \(No space left on device\)"
+    return type(error), None
+
+
+def _injected(raised: BaseException) -> BaseException:
+    """The fault behind what save raised: the GoraStateError's cause, or the interrupt itself."""
+    return raised.__cause__ if isinstance(raised, GoraStateError) else raised
 
 
 @pytest.mark.parametrize("break_save, error", INTERRUPTIONS.values(), ids=INTERRUPTIONS.keys())
 def test_interrupted_first_save_leaves_no_state_at_all(tmp_path, monkeypatch, break_save, error):
     break_save(monkeypatch, error)
-    with pytest.raises(type(error), match=_injected(error)) as raised:
+    with pytest.raises(_expected(error)[0], match=_expected(error)[1]) as raised:
         make_state().save(tmp_path / "state")
-    assert raised.value is error  # the injected fault itself was reached and passed through
+    assert _injected(raised.value) is error  # the injected fault itself was reached
     monkeypatch.undo()
     assert not (tmp_path / "state").exists()
     assert leftovers(tmp_path) == []
@@ -126,9 +134,9 @@ def test_interrupted_save_keeps_the_previous_state_intact(tmp_path, monkeypatch,
     previous.save(tmp_path / "state")
     before = {name: (tmp_path / "state" / name).read_bytes() for name in (META_FILE, TENSOR_FILE)}
     break_save(monkeypatch, error)
-    with pytest.raises(type(error), match=_injected(error)) as raised:
+    with pytest.raises(_expected(error)[0], match=_expected(error)[1]) as raised:
         make_state(seed=1).save(tmp_path / "state")
-    assert raised.value is error  # the injected fault itself was reached and passed through
+    assert _injected(raised.value) is error  # the injected fault itself was reached
     monkeypatch.undo()
     assert {name: (tmp_path / "state" / name).read_bytes() for name in (META_FILE, TENSOR_FILE)} == before
     assert_same_state(GoraState.load(tmp_path / "state"), previous)
@@ -161,6 +169,94 @@ def test_a_process_killed_between_the_renames_is_reported_with_the_backup_to_res
     os.replace(tmp_path / "state", tmp_path / ".state.old-1234abcd")  # what SIGKILL at that instant leaves
     with pytest.raises(GoraStateError, match=r"interrupted.*\.state\.old-1234abcd: rename it"):
         GoraState.load(tmp_path / "state")
+
+
+# -- saves killed mid-way (SIGKILL): what they leave is cleaned by the next save or load ----------------------
+KILL_AT = {
+    # the tensor file written, then the process dies: an unfinished ``.state.tmp-PID-*``
+    "while writing": "gora.state.save_file",
+    # the previous state moved aside, the new one not yet in place: ``.state.old-PID-*`` is the only complete copy
+    "between the renames": "second os.replace",
+    # the new state in place, the moved-aside previous one not yet removed: a stale ``.state.old-PID-*``
+    "before removing the backup": "shutil.rmtree",
+}
+KILLED_SAVE = """
+import os, shutil, signal, sys
+sys.path.insert(0, {tests!r})
+import gora.atomic, gora.state
+from test_state_files import make_state
+
+where = {where!r}
+die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+if where == "gora.state.save_file":
+    real = gora.state.save_file
+    gora.state.save_file = lambda *args, **kwargs: (real(*args, **kwargs), die())
+elif where == "second os.replace":
+    real, calls = os.replace, []
+    gora.atomic.os.replace = lambda *args: die() if calls.append(args) or len(calls) == 2 else real(*args)
+else:
+    gora.atomic.shutil.rmtree = die
+make_state(seed=1).save({target!r})
+"""
+
+
+def _killed_save(target: pathlib.Path, where: str) -> None:
+    """Save a state to ``target`` in another process that gets SIGKILL at ``where``."""
+    import signal
+    import subprocess
+    import sys
+
+    code = KILLED_SAVE.format(tests=str(pathlib.Path(__file__).parent), where=where, target=str(target))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+@pytest.mark.parametrize("where", KILL_AT.values(), ids=KILL_AT.keys())
+def test_leftovers_of_a_killed_save_are_cleaned_by_the_next_load(tmp_path, where):
+    previous = make_state(seed=0)
+    previous.save(tmp_path / "state")
+    _killed_save(tmp_path / "state", where)
+    left = leftovers(tmp_path)
+    kinds = {"gora.state.save_file": ["tmp"], "second os.replace": ["old", "tmp"], "shutil.rmtree": ["old"]}[where]
+    assert [name.split(".")[2].split("-")[0] for name in left] == kinds, left
+    if where == "second os.replace":  # the backup is the only complete copy: reported, kept, never loaded instead
+        backup = left[0]
+        with pytest.raises(GoraStateError, match=rf"previous complete state is at \S*{backup}: rename it"):
+            GoraState.load(tmp_path / "state")
+        assert leftovers(tmp_path) == [backup]  # the unfinished new save is gone
+        os.replace(tmp_path / backup, tmp_path / "state")  # what the message says to do
+    loaded = GoraState.load(tmp_path / "state")
+    assert_same_state(loaded, make_state(seed=1) if "rmtree" in where else previous)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", KILL_AT.values(), ids=KILL_AT.keys())
+def test_leftovers_of_a_killed_save_are_cleaned_by_the_next_save(tmp_path, where):
+    make_state(seed=0).save(tmp_path / "state")
+    _killed_save(tmp_path / "state", where)
+    assert leftovers(tmp_path)
+    newer = make_state(seed=2)
+    newer.save(tmp_path / "state")
+    assert leftovers(tmp_path) == []
+    assert_same_state(GoraState.load(tmp_path / "state"), newer)
+
+
+def test_an_unfinished_first_save_is_not_taken_for_a_state_or_a_backup(tmp_path):
+    _killed_save(tmp_path / "state", KILL_AT["while writing"])
+    (tmp_path / "state.tmp-1").mkdir()  # another target whose name looks like a scratch directory: not ours
+    (tmp_path / ".state.tmp-1.tmp-99-0123abcd").mkdir()  # and a scratch directory of that other target
+    with pytest.raises(GoraStateError, match=r"does not exist\. Save one"):
+        GoraState.load(tmp_path / "state")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".state.tmp-1.tmp-99-0123abcd", "state.tmp-1"]
+
+
+def test_a_running_save_s_directories_are_left_alone(tmp_path):
+    make_state().save(tmp_path / "state")
+    running = tmp_path / f".state.tmp-{os.getppid()}-0123abcd"  # a live process (this one's parent) writes it
+    running.mkdir()
+    GoraState.load(tmp_path / "state")
+    make_state(seed=1).save(tmp_path / "state")
+    assert running.is_dir()
 
 
 # -- refusing to destroy what is not ours --------------------------------------------------------
