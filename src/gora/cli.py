@@ -428,7 +428,7 @@ def _read_rank_info(path: Path) -> dict[str, Any]:
                 "shapes": {n: list(s) for n, s in state.shapes.items()}, "budget": state.budget,
                 "actual_params": state.actual_params, "r": state.reference_rank, "gamma": state.gamma,
                 "num_steps": state.num_steps, "num_samples": state.num_samples,
-                "estimation_seconds": state.estimation_seconds}
+                "estimation_seconds": state.estimation_seconds, "init_stats": state.init_stats}
     sidecar = path / SIDECAR_FILE
     if not sidecar.is_file():
         raise GoraStateError(f"{path} holds neither {META_FILE} (gora init) nor {SIDECAR_FILE} (an adapter "
@@ -463,6 +463,10 @@ def _rank_table(info: dict[str, Any]) -> str:
     if "num_steps" in info:
         rows.append(f"{info['num_steps']} estimation steps, {info.get('num_samples', 0)} samples, "
                     f"gamma={info.get('gamma', float('nan')):g}")
+    if info.get("init_stats"):
+        from .diagnostics import describe
+
+        rows.append(describe(info["init_stats"]))
     return "\n".join(rows)
 
 
