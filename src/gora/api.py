@@ -25,7 +25,8 @@ from .estimation import (
     run_estimation,
     too_few_batches,
 )
-from .gamma_search import search_gamma
+from .diagnostics import init_stats, warn_if_negligible
+from .gamma_search import held_out_losses, search_gamma
 from .importance import layer_importances
 from .initialization import draw_a, draw_omega, draw_pool, solve_c
 from .peft_bridge import apply_gora, check_not_wrapped
@@ -60,7 +61,9 @@ def estimate_gora(
         loss_fn: ``loss_fn(model, batch) -> scalar``; default ``model(**batch).loss``. It receives the module
             inside a ``DistributedDataParallel`` wrapper, not the wrapper; batches keep their container types
             (dict, ``BatchEncoding``, namedtuple, ...) with their tensors on the model's device.
-        eval_batches: held-out batches for adaptive γ; default the ``gamma_batches`` after the estimation batches.
+        eval_batches: held-out batches for adaptive γ (default: the ``gamma_batches`` after the estimation
+            batches) and for ``state.init_stats``' held-out losses at W₀ and after initialisation (without
+            adaptive γ: two passes over them; none given, those losses are None).
 
     Returns:
         A ``GoraState`` (ranks, importances, A and C per layer). Afterwards the model is exactly as
@@ -118,13 +121,20 @@ def estimate_gora(
         estimation_seconds=run.seconds, peak_memory_bytes=run.peak_memory_bytes,
         versions=package_versions(), model_class=type(base).__name__, notes=run.notes,
     )
+    held_out = list(eval_batches) if eval_batches is not None else []
+    if config.adaptive_gamma and eval_batches is None:
+        held_out = list(itertools.islice(iterator, config.gamma_batches))
+    losses = None
     if config.adaptive_gamma:
-        held_out = list(eval_batches) if eval_batches is not None else list(itertools.islice(iterator,
-                                                                                              config.gamma_batches))
         if not held_out:
             raise _no_held_out(run.steps, config)
-        state.gamma, state.notes["adaptive_gamma"] = search_gamma(
-            model, targets, a, c, shapes, config.resolved_gamma_grid(), held_out, loss_fn)
+        state.gamma, state.notes["adaptive_gamma"], losses = search_gamma(
+            model, targets, a, c, shapes, config.resolved_gamma_grid(), held_out, loss_fn,
+            method=config.gamma_search, start=config.gamma)
+    elif held_out:  # held-out batches given without adaptive gamma: the loss change of the initial step alone
+        losses = held_out_losses(model, targets, a, c, shapes, state.gamma, held_out, loss_fn)
+    state.init_stats = init_stats(targets, a, c, state.gamma, losses)
+    warn_if_negligible(state.init_stats, config)
     logger.info("GoRA: %d layers, ranks %s, %d steps in %.1fs", len(ranks), _spread(ranks), run.steps, run.seconds)
     return state
 

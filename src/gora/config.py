@@ -15,10 +15,12 @@ from .errors import GoraConfigError, GoraConfigTypeError
 Importance = Literal["mean_abs", "frobenius", "grad_nuclear"]
 Features = Literal["identity", "sqrt"]
 Estimator = Literal["full", "sketch"]
+GammaSearch = Literal["golden", "scan"]
 
 IMPORTANCE_NAMES = ("mean_abs", "frobenius", "grad_nuclear")
 FEATURE_NAMES = ("identity", "sqrt")
 ESTIMATOR_NAMES = ("full", "sketch")
+GAMMA_SEARCH_NAMES = ("golden", "scan")
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:
@@ -73,10 +75,20 @@ class GoraConfig:
     """Fewest steps before adaptive steps may stop."""
     adaptive_gamma: bool = False
     """Choose gamma on held-out batches (eval mode, against the W0 loss); 0 when nothing beats W0."""
+    gamma_search: GammaSearch = "golden"
+    """How adaptive gamma searches: ``golden`` brackets the held-out loss from ``gamma`` and narrows the bracket by
+    golden-section search in log gamma (about ten loss evaluations), within the grid's smallest positive and largest
+    value; ``scan`` scores every candidate of ``gamma_grid`` (the reference to check against)."""
     gamma_grid: list[float] | None = None
     """Candidates for adaptive gamma; ``None`` means 1, 0.8, 0.64, ... down to 1e-5."""
     gamma_batches: int = 4
     """Held-out batches (taken after the first ``num_steps``) that score adaptive gamma."""
+    head_warmup_steps: int = 0
+    """Before estimation, train only the newly initialised modules PEFT keeps trainable (``modules_to_save``, with
+    the classification head PEFT adds for task_type SEQ_CLS) for this many AdamW steps on the estimation batches,
+    then estimate through the warmed head; ``apply_gora`` puts the warmed head into the returned model. 0: off."""
+    head_warmup_lr: float = 1e-3
+    """AdamW learning rate of the head warm-up."""
     train_mode: bool = False
     """Run estimation in train mode (dropout on), as the official code does. Default keeps the model's mode."""
     gradient_checkpointing: bool = False
@@ -112,6 +124,7 @@ class GoraConfig:
         self._check_choice("importance", self.importance, IMPORTANCE_NAMES)
         self._check_choice("features", self.features, FEATURE_NAMES)
         self._check_choice("estimator", self.estimator, ESTIMATOR_NAMES)
+        self._check_choice("gamma_search", self.gamma_search, GAMMA_SEARCH_NAMES)
         if self.estimator == "sketch" and self.importance != "frobenius":
             raise GoraConfigError(
                 f"estimator='sketch' keeps no full gradient, so importance={self.importance!r} cannot be computed; "
@@ -126,6 +139,11 @@ class GoraConfig:
         self._check_int("sketch_dim", self.sketch_dim, minimum=1)
         self._check_int("min_steps", self.min_steps, minimum=1)
         self._check_int("gamma_batches", self.gamma_batches, minimum=1)
+        self._check_int("head_warmup_steps", self.head_warmup_steps, minimum=0)
+        self._check_float("head_warmup_lr", self.head_warmup_lr, minimum=0.0)
+        if self.head_warmup_lr == 0 and self.head_warmup_steps > 0:
+            raise GoraConfigError("head_warmup_lr=0 would leave the head as it is; pass a learning rate > 0 "
+                                  "(e.g. 1e-3), or head_warmup_steps=0 to switch the warm-up off.")
         self._check_float("convergence_threshold", self.convergence_threshold, minimum=0.0)
         self._check_float("fp16_loss_scale", self.fp16_loss_scale, minimum=1.0)
         if self.gamma_grid is not None:

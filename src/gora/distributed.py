@@ -110,6 +110,16 @@ def mean_over_processes(value: float) -> float:
     return float(tensor.item()) / world_size()
 
 
+def sum_over_processes(values: list[float]) -> list[float]:
+    """Each value summed over processes, in float64 (one all-reduce)."""
+    if not is_distributed():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = tensor.to(_collective_device(tensor))
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return [float(v) for v in tensor.cpu().tolist()]
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s object on every process (ranks, importances: small)."""
     if not is_distributed():

@@ -147,7 +147,7 @@ def test_adaptive_gamma_scores_in_eval_mode_and_restores_the_model():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     held_out = _regression_batches(2, seed=21)
-    config = _config(adaptive_gamma=True, gamma_grid=[0.5, 0.1, 0.01])
+    config = _config(adaptive_gamma=True, gamma_search="scan", gamma_grid=[0.5, 0.1, 0.01])
     state = estimate_gora(model, LORA, _regression_batches(8, seed=4), gora_config=config, loss_fn=_loss,
                           eval_batches=held_out)
     assert all(m.training for m in model.modules())
