@@ -365,19 +365,37 @@ def _model_from_state(model_dir: Path, source: Path, args: argparse.Namespace):
 def _model_from_adapter(model_dir: Path, source: Path, args: argparse.Namespace):
     from peft import PeftModel
 
-    adapter = json.loads((source / ADAPTER_CONFIG).read_text())
-    task = args.task if args.task != "auto" else PEFT_TO_TASK.get(adapter.get("task_type"), "causal-lm")
+    adapter = _read_adapter_config(source)
+    task = args.task if args.task != "auto" else PEFT_TO_TASK.get(str(adapter.get("task_type")), "causal-lm")
     labels = args.num_labels or (_saved_head_classes(source, adapter) if task == "seq-cls" else None) or 2
     model = _load_model(model_dir, task, [str(i) for i in range(labels)], args.dtype, "cpu", 0)
     try:
         return PeftModel.from_pretrained(model, str(source)), None, task
     except RuntimeError as error:  # torch's load_state_dict: "size mismatch for ..."
         if "size mismatch" not in str(error):
-            raise
+            raise _damaged_adapter(source, error) from error
         raise GoraStateError(
             f"the adapter in {source} does not fit the model in {model_dir}: {str(error).strip().splitlines()[-1]} "
             f"Pass the base model it was trained on{' and --num-labels N for its head' if task == 'seq-cls' else ''}."
         ) from error
+    except Exception as error:  # a damaged adapter fails deep inside PEFT or safetensors, with any exception type
+        raise _damaged_adapter(source, error) from error
+
+
+def _read_adapter_config(source: Path) -> dict[str, Any]:
+    try:
+        adapter = json.loads((source / ADAPTER_CONFIG).read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise _damaged_adapter(source, error) from None
+    if not isinstance(adapter, dict):
+        raise _damaged_adapter(source, ValueError(f"{ADAPTER_CONFIG} holds a {type(adapter).__name__}, not an object"))
+    return adapter
+
+
+def _damaged_adapter(source: Path, error: BaseException) -> GoraStateError:
+    return GoraStateError(f"cannot load the adapter in {source} ({type(error).__name__}: {error}); its "
+                          f"{ADAPTER_CONFIG} or {ADAPTER_WEIGHTS} is damaged, or it is not a LoRA adapter. Save or "
+                          "export the adapter again (peft_model.save_pretrained, or gora export).")
 
 
 def _saved_head_classes(source: Path, adapter: dict[str, Any]) -> int | None:
@@ -388,11 +406,14 @@ def _saved_head_classes(source: Path, adapter: dict[str, Any]) -> int | None:
     heads = tuple(f"{name}{part}.weight" for name in adapter.get("modules_to_save") or () for part in ("", ".out_proj"))
     if not heads or not weights.is_file():
         return None
-    with safe_open(str(weights), "pt") as handle:
-        for key in handle.keys():
-            shape = handle.get_slice(key).get_shape()
-            if key.endswith(heads) and len(shape) == 2:
-                return int(shape[0])
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            for key in handle.keys():
+                shape = handle.get_slice(key).get_shape()
+                if key.endswith(heads) and len(shape) == 2:
+                    return int(shape[0])
+    except Exception as error:  # safetensors' own error type for a truncated file
+        raise _damaged_adapter(source, error) from error
     return None
 
 
@@ -429,18 +450,12 @@ def _read_rank_info(path: Path) -> dict[str, Any]:
                 "actual_params": state.actual_params, "r": state.reference_rank, "gamma": state.gamma,
                 "num_steps": state.num_steps, "num_samples": state.num_samples,
                 "estimation_seconds": state.estimation_seconds, "init_stats": state.init_stats}
-    sidecar = path / SIDECAR_FILE
-    if not sidecar.is_file():
+    if not (path / SIDECAR_FILE).is_file():
         raise GoraStateError(f"{path} holds neither {META_FILE} (gora init) nor {SIDECAR_FILE} (an adapter "
                              "written by gora export / gora.export_adapter); nothing to inspect.")
-    try:
-        meta = json.loads(sidecar.read_text())
-        ranks = {str(n): int(r) for n, r in meta["ranks"].items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
-        raise GoraStateError(f"{sidecar} is damaged ({error!r}); export the adapter again.") from error
-    keys = ("budget", "actual_params", "r", "gamma", "num_steps", "num_samples", "skipped", "importance")
-    return {"kind": "adapter", "ranks": ranks, "portable": meta.get("portable"),
-            **{k: meta[k] for k in keys if k in meta}}
+    from .peft_bridge import read_sidecar
+
+    return {"kind": "adapter", **read_sidecar(path)}
 
 
 def _rank_table(info: dict[str, Any]) -> str:

@@ -306,3 +306,67 @@ def _write_sidecar(path: Path, layers: dict, state: GoraState | None, portable: 
             "seed": state.seed, "estimation_versions": state.versions,
         }
     path.write_text(json.dumps(sidecar, indent=2, sort_keys=True))
+
+
+def read_sidecar(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``gora_config.json`` of an exported adapter, checked: what ``gora inspect`` shows of an adapter.
+
+    Raises:
+        GoraStateError: the file is missing, not JSON, of a newer format, or holds values of the wrong type.
+    """
+    from .state import _version_refusal
+
+    path = Path(directory) / SIDECAR_FILE
+    try:
+        meta = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise GoraStateError(f"{path} is missing; {path.parent} is not an adapter written by export_adapter "
+                             "(gora export).") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise GoraStateError(f"{path} cannot be read as JSON ({error}); export the adapter again.") from None
+    if not isinstance(meta, dict) or meta.get("format") != "gora-adapter":
+        raise GoraStateError(f"{path} is not a gora adapter sidecar; export the adapter again.")
+    if meta.get("format_version") != SIDECAR_VERSION:
+        raise GoraStateError(_version_refusal(path, meta.get("format_version"), meta.get("versions"),
+                                              SIDECAR_VERSION, "export the adapter again"))
+    try:
+        checked: dict[str, Any] = {"ranks": _mapping(meta["ranks"], _count)}
+        for key, read in (("importance", lambda v: _mapping(v, _number)), ("skipped", lambda v: _mapping(v, _text)),
+                          ("budget", _count), ("actual_params", _count), ("r", _count), ("num_steps", _count),
+                          ("num_samples", _count), ("gamma", _number), ("portable", _flag),
+                          ("uniform_rank", _flag)):
+            if key in meta:
+                checked[key] = read(meta[key])
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
+        raise GoraStateError(f"{path} is damaged ({error}); export the adapter again.") from None
+    return checked
+
+
+def _mapping(value: Any, read) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected an object, got {value!r}")
+    return {str(k): read(v) for k, v in value.items()}
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected an integer >= 0, got {value!r}")
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value

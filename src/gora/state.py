@@ -285,22 +285,23 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _version_refusal(meta_path: Path, version: Any, versions: Any) -> str:
-    """What to do about a state of another format version: the gora-peft that wrote it, or re-estimation."""
+def _version_refusal(meta_path: Path, version: Any, versions: Any, supported: int = FORMAT_VERSION,
+                     redo: str = "re-run estimate_gora") -> str:
+    """What to do about a file of another format version (``supported`` is the one this gora reads): the gora-peft
+    that wrote it (from the file's ``versions``), or ``redo`` with this version."""
     from . import __version__
 
     writer = versions.get("gora-peft") if isinstance(versions, dict) else None
     writer = writer if isinstance(writer, str) and writer not in ("", "not installed") else None
-    newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+    newer = isinstance(version, int) and not isinstance(version, bool) and version > supported
     if newer:
         reader = f"gora-peft {writer}" if writer else "the newer gora-peft that wrote it"
         upgrade = f"pip install 'gora-peft>={writer}'" if writer else "pip install --upgrade gora-peft"
         return (f"{meta_path} has format version {version}, written by {reader}; this gora-peft {__version__} reads "
-                f"format version {FORMAT_VERSION}. Load it with {reader} ({upgrade}), or re-run estimate_gora with "
-                "this version.")
+                f"format version {supported}. Read it with {reader} ({upgrade}), or {redo} with this version.")
     return (f"{meta_path} has format version {version!r}; this gora-peft {__version__} reads format version "
-            f"{FORMAT_VERSION}. Re-run estimate_gora with this version"
-            f"{f' (or load it with gora-peft {writer}, which wrote it)' if writer else ''}.")
+            f"{supported}. {redo[0].upper()}{redo[1:]} with this version"
+            f"{f' (or read it with gora-peft {writer}, which wrote it)' if writer else ''}.")
 
 
 def _read_tensors(tensor_path: Path, meta: dict[str, Any]) -> dict[str, Tensor]:

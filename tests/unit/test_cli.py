@@ -120,7 +120,8 @@ def test_inspect_refuses_a_directory_without_state_or_sidecar(tmp_path, capsys):
 
 
 def test_inspect_of_a_damaged_sidecar_says_to_export_again(tmp_path, capsys):
-    (tmp_path / "gora_config.json").write_text(json.dumps({"ranks": {"a": "x"}}))
+    (tmp_path / "gora_config.json").write_text(json.dumps({"ranks": {"a": "x"}, "format": "gora-adapter",
+                                                           "format_version": 1}))
     assert cli.main(["inspect", str(tmp_path), "--no-plot"]) == 2
     assert "export the adapter again" in capsys.readouterr().err
 
@@ -128,7 +129,8 @@ def test_inspect_of_a_damaged_sidecar_says_to_export_again(tmp_path, capsys):
 def test_inspect_prints_the_sidecar_rank_table_and_budget(tmp_path, capsys):
     sidecar = {"ranks": {"model.layers.0.q_proj": 6, "model.layers.0.v_proj": 0, "model.layers.1.q_proj": 10},
                "importance": {"model.layers.0.q_proj": 0.5, "model.layers.1.q_proj": 1.5},
-               "budget": 1024, "actual_params": 960, "r": 8, "num_steps": 32, "num_samples": 256, "gamma": 0.05}
+               "budget": 1024, "actual_params": 960, "r": 8, "num_steps": 32, "num_samples": 256, "gamma": 0.05,
+               "format": "gora-adapter", "format_version": 1}
     (tmp_path / "gora_config.json").write_text(json.dumps(sidecar))
     assert cli.main(["inspect", str(tmp_path), "--no-plot"]) == 0
     out = capsys.readouterr().out
@@ -138,7 +140,8 @@ def test_inspect_prints_the_sidecar_rank_table_and_budget(tmp_path, capsys):
 
 def test_inspect_without_matplotlib_skips_the_default_plot_and_refuses_an_asked_for_one(tmp_path, monkeypatch,
                                                                                          capsys):
-    (tmp_path / "gora_config.json").write_text(json.dumps({"ranks": {"model.layers.0.q_proj": 6}}))
+    (tmp_path / "gora_config.json").write_text(json.dumps({"ranks": {"model.layers.0.q_proj": 6},
+                                                           "format": "gora-adapter", "format_version": 1}))
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # import fails: not installed
     assert cli.main(["inspect", str(tmp_path)]) == 0
     captured = capsys.readouterr()
