@@ -148,6 +148,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     _check_not_an_input(args.output, model_dir)
     check_output_directory(args.output, (META_FILE, TENSOR_FILE))  # refused now, not after minutes of estimation
     data = load_text_data(args.data, args.task)  # cheap checks first: the heavy imports come after
+    if data.task == "causal-lm":
+        _check_causal_lm(model_dir, args.data, chosen=args.task == "auto")
     lora = {"r": args.r, "lora_alpha": args.alpha, "target_modules": _targets(args.targets),
             "task_type": PEFT_TASK_TYPES[data.task]}
     gora_config.extra = {"cli": {"model": str(model_dir.resolve()), "data": str(Path(args.data).resolve()),
@@ -304,6 +306,27 @@ def _check_max_length(model_dir: Path, max_length: int) -> None:
     if isinstance(positions, int) and max_length > positions:
         raise GoraConfigError(f"--max-length {max_length} exceeds the {positions} positions of the model in "
                               f"{model_dir}; pass --max-length {positions} or less.")
+
+
+def _check_causal_lm(model_dir: Path, data: str, chosen: bool) -> None:
+    """Refuse causal-LM estimation on a checkpoint that is no causal LM (MiniLM, a BERT classifier): transformers
+    would add a newly initialised LM head, and the gradients through it say nothing about the task."""
+    try:
+        architectures = json.loads((model_dir / "config.json").read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return  # _check_max_length reports an unreadable config
+    if not isinstance(architectures, list) or not architectures:
+        return  # nothing recorded: transformers decides
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if any(name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for name in architectures):
+        return
+    why = f"{data} has no 'label' column, so it is read as causal-LM text" if chosen else "--task causal-lm was given"
+    raise GoraDataError(
+        f"{why}, but {model_dir} holds a {'/'.join(map(str, architectures))}, not a causal language model: its LM head "
+        "would be newly initialised and the gradients through it meaningless. For classification, add a 'label' "
+        "column to the data file (the classification path reads the class from it); for a causal LM, pass a model "
+        "saved as a ...ForCausalLM.")
 
 
 def _load_tokenizer(model_dir: Path):

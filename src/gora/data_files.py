@@ -57,7 +57,8 @@ def _numbered_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
         raise GoraDataError(f"data file {path} is not UTF-8 text ({error.encoding}: {error.reason}); "
                             "save it as UTF-8 (in a spreadsheet: 'CSV UTF-8') and retry.") from None
     if not numbered:
-        raise GoraDataError(f"data file {path} holds no examples.")
+        raise GoraDataError(f"data file {path} holds no examples{_what_it_held(path)}; it must hold "
+                            f"{_EXPECTED.get(path.suffix.lower(), _EXPECTED['.txt'])}.")
     first = numbered[0][1]
     if "text" not in first:
         raise GoraDataError(f"data file {path} has columns {_columns(first)} but no 'text'; "
@@ -65,6 +66,25 @@ def _numbered_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     for number, record in numbered:
         _check_present(record, "text", path, number)
     return numbered
+
+
+_EXPECTED = {
+    ".csv": "a header line naming a 'text' column (and 'label' for classification) and at least one row below it",
+    ".jsonl": "one JSON object per line with a 'text' key (and 'label' for classification)",
+    ".txt": "at least one non-blank line (one document per line, for a causal LM)",
+}
+_EXPECTED[".tsv"], _EXPECTED[".json"] = _EXPECTED[".csv"].replace("a header line", "a tab-separated header line"), \
+    _EXPECTED[".jsonl"]
+
+
+def _what_it_held(path: Path) -> str:
+    """`` (only a header line)`` or `` (it is empty)`` for a data file without examples."""
+    text = path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        return " (it is empty)"
+    if path.suffix.lower() in (".csv", ".tsv"):
+        return " (only a header line)"
+    return ""
 
 
 def _parse(path: Path) -> list[tuple[int, dict[str, Any]]]:

@@ -196,3 +196,17 @@ def test_model_directory_without_a_tokenizer_exits_2_with_the_fix(tmp_path, caps
     data.write_text("text,label\ngood,1\n")
     assert cli.main(["init", str(tmp_path / "model"), str(data), "-o", str(tmp_path / "out")]) == 2
     assert "tokenizer.save_pretrained" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["auto", "causal-lm"])
+def test_text_without_labels_on_a_model_that_is_no_causal_lm_is_refused_naming_the_label_column(tmp_path, capsys,
+                                                                                               task):
+    model = _model_dir(tmp_path)
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    data = tmp_path / "data.csv"
+    data.write_text("text\ngood film\n")
+    assert cli.main(["init", model, str(data), "-o", str(tmp_path / "out"), "--task", task]) == 2
+    err = capsys.readouterr().err
+    assert "holds a BertModel, not a causal language model" in err and "add a 'label' column" in err
+    assert ("has no 'label' column" in err) == (task == "auto")
+    assert not (tmp_path / "out").exists()
