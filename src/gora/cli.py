@@ -8,11 +8,13 @@ exit with status 2 (no traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,7 @@ def _add_init(verbs) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of A, of the batch shuffle and of a new head (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load the model in (default float32)")
+    _add_no_progress(p)
     p.set_defaults(run=cmd_init)
 
 
@@ -127,7 +130,13 @@ def _add_export(verbs) -> None:
                    help="model head; auto: from the state (gora init) or the adapter's task_type")
     p.add_argument("--num-labels", type=int, default=None, help="classes of a seq-cls head (default: from the state)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load the model in (default float32)")
+    _add_no_progress(p)
     p.set_defaults(run=cmd_export)
+
+
+def _add_no_progress(p) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="show no progress bar (gora's, nor transformers' loading and saving bars)")
 
 
 # -- verbs --------------------------------------------------------------------------------------
@@ -139,7 +148,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     gora_config = GoraConfig(
         num_steps=args.num_steps, min_rank=args.min_rank, max_rank=args.max_rank, gamma=args.gamma,
         importance=args.importance, estimator=args.estimator, seed=args.seed, adaptive_steps=args.adaptive_steps,
-        adaptive_gamma=args.adaptive_gamma)
+        adaptive_gamma=args.adaptive_gamma, show_progress=not args.no_progress)
     model_dir = _model_dir(args.model)
     _check_max_length(model_dir, args.max_length)
     from .estimation import check_device
@@ -508,6 +517,27 @@ def _rank_table(info: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """With ``enabled`` false, transformers' and huggingface_hub's bars (loading, saving) are off for the verb, and
+    tqdm starts no monitor thread (it would for the disabled bars that PEFT's merge still creates)."""
+    if enabled:
+        yield
+        return
+    import tqdm
+    from transformers.utils import logging as hf_logging
+
+    was_enabled, interval = hf_logging.is_progress_bar_enabled(), tqdm.tqdm.monitor_interval
+    hf_logging.disable_progress_bar()
+    tqdm.tqdm.monitor_interval = 0
+    try:
+        yield
+    finally:
+        tqdm.tqdm.monitor_interval = interval
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 # -- entry point -----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -523,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb is None:
             parser.print_help()
             return 2
-        return args.run(args)
+        with _progress_bars(not getattr(args, "no_progress", False)):
+            return args.run(args)
     except GoraError as error:
         print(f"gora: error: {error}", file=sys.stderr)
         return 2

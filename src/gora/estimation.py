@@ -328,8 +328,8 @@ def run_estimation(
     check_every = 1 if fp16 else _check_every(device)
     notes: dict[str, Any] = {"accumulation_device": acc_device.type}
     previous: dict[str, float] = {}
-    bar = tqdm(total=config.num_steps, desc="GoRA gradient estimation", unit="step",
-               disable=not config.show_progress or distributed.rank() != 0)
+    bar = (tqdm(total=config.num_steps, desc="GoRA gradient estimation", unit="step")
+           if config.show_progress and distributed.rank() == 0 else _NoBar())
     checkpointing = GradientCheckpointing(unwrap_model(model)) if config.gradient_checkpointing else nullcontext()
     with GradientAccumulator(model, targets, acc_device, sketch, config.train_mode) as accumulator, \
             checkpointing, torch.enable_grad(), bar:
@@ -379,4 +379,12 @@ def run_estimation(
 
 
 _END = object()
+
+
+class _NoBar(nullcontext):
+    """A progress bar that draws nothing. ``tqdm(disable=True)`` is not one: creating it starts tqdm's monitor
+    thread all the same."""
+
+    def update(self, n: int = 1) -> None:
+        pass
 

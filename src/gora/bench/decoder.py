@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import datetime as dt
 import importlib.util
 import json
@@ -111,11 +110,17 @@ def load_smollm2_tokenizer(model_dir: str | None = None):
     return tokenizer
 
 
+def _no_bar(iterable, *args, **kwargs):
+    """``tqdm(iterable, ...)`` without a bar: the iterable itself."""
+    return iterable
+
+
 def load_smollm2(model_dir: str | None = None, progress: bool = True):
     """SmolLM2-135M-Instruct dequantised from the Q4_1 GGUF into an fp32 ``LlamaForCausalLM`` (about 15 s).
 
     ``progress=False`` hides transformers' dequantisation bar, which imports tqdm directly and so ignores
-    transformers' own progress-bar switch: the module's ``tqdm`` is swapped for a disabled one while loading.
+    transformers' own progress-bar switch: the module's ``tqdm`` is swapped for a plain pass-through while loading
+    (not ``tqdm(disable=True)``, which would still start tqdm's monitor thread).
     """
     from transformers import AutoModelForCausalLM
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
@@ -124,7 +129,7 @@ def load_smollm2(model_dir: str | None = None, progress: bool = True):
 
     bar = getattr(gguf_utils, "tqdm", None)
     if not progress and bar is not None:
-        gguf_utils.tqdm = functools.partial(bar, disable=True)
+        gguf_utils.tqdm = _no_bar
     try:
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(model_dir or smollm2_dir(), gguf_file=GGUF_FILE,
