@@ -107,8 +107,11 @@ def warn_if_negligible(stats: dict[str, Any], config: Any) -> bool:
         remedies.append("GoraConfig(head_warmup_steps=50) for a freshly initialised head (sequence classification)")
     if not getattr(config, "adaptive_gamma", False):
         remedies.append("GoraConfig(adaptive_gamma=True) to choose gamma on held-out batches")
-    remedies.append(f"a larger gamma than {stats.get('gamma', 0.0):g} (apply_gora(..., gamma=...) needs no "
-                    "re-estimation)")
+        remedies.append(f"a larger gamma than {stats.get('gamma', 0.0):g} (apply_gora(..., gamma=...) needs no "
+                        "re-estimation)")
+    else:
+        remedies.append("more held-out batches (eval_batches=...) to tell the loss change from noise, or a larger "
+                        "gamma_grid if adaptive gamma chose its largest candidate")
     if distributed.rank() == 0:
         logger.warning("GoRA's initial step is negligible: %s, so GoRA starts almost like LoRA with other ranks. "
                        "Remedies: %s.", "; and ".join(reasons), "; ".join(remedies))

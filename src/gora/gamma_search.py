@@ -138,7 +138,7 @@ def golden_section_log(loss: Callable[[float], float], low: float, high: float, 
 
     def f(t: float) -> float:
         if t not in cache:
-            value = loss(math.exp(t))
+            value = loss(_readable(t))
             cache[t] = value if math.isfinite(value) else math.inf
         return cache[t]
 
@@ -146,7 +146,7 @@ def golden_section_log(loss: Callable[[float], float], low: float, high: float, 
     best = min(max(math.log(start), lo), hi) if start > 0 else (lo + hi) / 2
     if lo == hi:
         f(best)
-        return math.exp(best)
+        return _readable(best)
     step = math.log(BRACKET_FACTOR)
     up = min(best + step, hi)
     direction = 1.0 if up > best and f(up) < f(best) else -1.0
@@ -158,7 +158,7 @@ def golden_section_log(loss: Callable[[float], float], low: float, high: float, 
         step *= (1 + math.sqrt(5)) / 2
         ahead = min(max(best + direction * step, lo), hi)
         if ahead == best or len(cache) >= max_evaluations:
-            return math.exp(best)
+            return _readable(best)
         if f(ahead) >= f(best):
             break
         behind, best = best, ahead
@@ -177,7 +177,12 @@ def golden_section_log(loss: Callable[[float], float], low: float, high: float, 
             left = probe
         else:
             right = probe
-    return math.exp(best)
+    return _readable(best)
+
+
+def _readable(log_gamma: float) -> float:
+    """exp(log γ) to 6 significant digits: 0.05, not 0.05000000000000001, in the notes and the state."""
+    return float(f"{math.exp(log_gamma):.6g}")
 
 
 def search_gamma(model: nn.Module, targets: list[TargetLayer], a: dict[str, Tensor], c: dict[str, Tensor],

@@ -169,7 +169,7 @@ def _short_generator():
 
 
 FAILURES = {
-    "NaN loss at step 2": (dict(loss_fn=_nan_loss_at_step_2), GoraNumericalError, "step 2 is nan"),
+    "NaN loss at step 2": (dict(loss_fn=_nan_loss_at_step_2), GoraNumericalError, "step 3 is nan"),  # the third batch
     "model raises on a bad batch": (dict(batches=make_bert_batches(2) + [{"labels": torch.tensor([0])}] * 2),
                                     ValueError, "input_ids"),
     "generator too short": (dict(batches=_short_generator()), GoraDataError, "gave 2 items but num_steps=4"),
@@ -244,13 +244,25 @@ def test_interrupt_with_the_pinned_offload_leaves_the_model_as_before(prepared_b
     snapshot.assert_unchanged()
 
 
-def test_interrupt_during_the_adaptive_gamma_scan_removes_its_hooks_and_restores_modes(prepared_bert):
-    """The scan adds ΔW₀ through forward hooks in eval mode; interrupt it half way through the grid."""
-    config = _config(adaptive_gamma=True, gamma_grid=[0.5, 0.1, 0.05, 0.01])
+@pytest.mark.parametrize("search", ["golden", "scan"])
+def test_interrupt_during_the_adaptive_gamma_scan_removes_its_hooks_and_restores_modes(prepared_bert, search):
+    """The search adds ΔW₀ through forward hooks in eval mode; interrupt it half way."""
+    config = _config(adaptive_gamma=True, gamma_search=search, gamma_grid=[0.5, 0.1, 0.05, 0.01])
     loss_fn = _interrupt_at(STEPS + 3, KeyboardInterrupt())  # after the estimation steps and 2 scan losses
     snapshot = ModelSnapshot(prepared_bert)
     with pytest.raises(KeyboardInterrupt):
         estimate_gora(prepared_bert, LoraConfig(**LORA), make_bert_batches(STEPS), config, loss_fn=loss_fn,
+                      eval_batches=make_bert_batches(1, seed=9))
+    snapshot.assert_unchanged()
+
+
+@pytest.mark.parametrize("exception", [KeyboardInterrupt(), RuntimeError("boom")])
+def test_interrupt_during_the_held_out_losses_of_the_diagnostics_leaves_the_model_as_before(prepared_bert, exception):
+    """Without adaptive γ, eval_batches are scored at W₀ and after init (the diagnostics): interrupt the second."""
+    loss_fn = _interrupt_at(STEPS + 1, exception)  # after the estimation steps and the W0 loss
+    snapshot = ModelSnapshot(prepared_bert)
+    with pytest.raises(type(exception)):
+        estimate_gora(prepared_bert, LoraConfig(**LORA), make_bert_batches(STEPS), _config(), loss_fn=loss_fn,
                       eval_batches=make_bert_batches(1, seed=9))
     snapshot.assert_unchanged()
 
@@ -274,7 +286,7 @@ def test_fp16_overflow_that_scaling_cannot_fix_leaves_the_fp16_model_as_before(t
         return output.loss
 
     snapshot = ModelSnapshot(model)
-    with pytest.raises(GoraNumericalError, match="overflow at step 0 even without loss scaling"):
+    with pytest.raises(GoraNumericalError, match="overflow at estimation step 1 even without loss scaling"):
         estimate_gora(model, LoraConfig(**LORA), make_bert_batches(STEPS), _config(), loss_fn=loss_fn)
     snapshot.assert_unchanged()
 
