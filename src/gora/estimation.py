@@ -192,8 +192,9 @@ def accumulation_device(targets: list[TargetLayer], device: torch.device, config
 
 
 def _loss_error(step: int, value: float) -> GoraNumericalError:
+    """``step``: the 0-based index of the batch; messages count steps from 1 (the first batch is step 1)."""
     return GoraNumericalError(
-        f"the loss at estimation step {step} is {value}; check that batch (labels, masks) and the "
+        f"the loss at estimation step {step + 1} is {value}; check that batch (labels, masks) and the "
         "model's dtype (fp16 overflows easily: try bf16 or fp32)."
     )
 
@@ -210,7 +211,7 @@ def _check_every(device: torch.device) -> int:
 
 def _gradient_error(layers: list[str], step: int) -> GoraNumericalError:
     return GoraNumericalError(
-        f"the gradient of {layers[:3]} at estimation step {step} contains NaN or Inf; "
+        f"the gradient of {layers[:3]} at estimation step {step + 1} contains NaN or Inf; "
         "check the batch and the model's dtype, or run estimation in fp32."
     )
 
@@ -272,10 +273,10 @@ def _one_step(model, accumulator: GradientAccumulator, batch, loss_fn, step: int
             return scale
         if scale / 2 < 1.0:
             raise GoraNumericalError(
-                f"fp16 gradients of {bad[:3]} overflow at step {step} even without loss scaling; "
+                f"fp16 gradients of {bad[:3]} overflow at estimation step {step + 1} even without loss scaling; "
                 "estimate on a bf16 or fp32 copy of the model, save the GoraState, and apply it to the fp16 model."
             )
-        logger.info("fp16 overflow in %s at step %d: loss scale %g -> %g, redoing the step", bad[:3], step,
+        logger.info("fp16 overflow in %s at step %d: loss scale %g -> %g, redoing the step", bad[:3], step + 1,
                     scale, scale / 2)
         scale, redo = scale / 2, True
 

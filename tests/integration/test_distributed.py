@@ -272,7 +272,7 @@ def _ddp_wrapped_estimation(rank: int, workdir: Path) -> None:
 
 
 def _nan_on_one_rank(rank: int, workdir: Path) -> None:
-    """Rank 1's loss is NaN at step 1 only: both ranks must raise, at once, with their models restored. fp32 with the
+    """Rank 1's loss is NaN at its second step only: both ranks must raise, at once, with their models restored. fp32 with the
     NaN/Inf flags read every 3 steps (the accelerator's deferred schedule), and fp16 (read at once, every step)."""
     from gora import GoraConfig, GoraNumericalError, estimate_gora, estimation
     from test_hygiene import ModelSnapshot
@@ -577,7 +577,7 @@ def test_a_ddp_wrapped_model_is_estimated_through_its_module_and_gives_the_unwra
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_a_nan_on_one_rank_stops_every_rank_together_with_the_models_restored(runs, dtype):
     rank0, rank1 = (json.loads((runs / "nan" / f"rank{rank}.json").read_text())[dtype] for rank in range(WORLD))
-    assert rank1["outcome"].startswith("GoraNumericalError: the loss at estimation step 1 is nan"), rank1
+    assert rank1["outcome"].startswith("GoraNumericalError: the loss at estimation step 2 is nan"), rank1
     assert rank0["outcome"].startswith("GoraNumericalError: estimation stopped on all 2 processes because rank 1 "
                                        "found a NaN or Inf loss or gradient; see the GoraNumericalError raised on "
                                        "rank 1"), rank0

@@ -119,7 +119,7 @@ def test_adaptive_gamma_without_held_out_batches_is_refused(tiny_bert):
 @pytest.mark.parametrize("bad, step", [(math.nan, 0), (math.inf, 2)])
 def test_a_non_finite_loss_names_the_step(tiny_bert, bad, step):
     loss = CountingLoss(lambda value, i: value * bad if i == step else value)
-    with pytest.raises(GoraNumericalError, match=f"the loss at estimation step {step} is {bad}"):
+    with pytest.raises(GoraNumericalError, match=f"the loss at estimation step {step + 1} is {bad}"):  # from 1
         estimate_gora(tiny_bert, LoraConfig(**LORA), make_bert_batches(STEPS), _config(), loss_fn=loss)
     assert loss.calls == step + 1  # stopped at once
 
@@ -132,7 +132,7 @@ def test_a_non_finite_gradient_names_the_layer_and_the_step(tiny_bert):
             output.logits.register_hook(lambda grad: grad * math.inf)
         return output.loss
 
-    with pytest.raises(GoraNumericalError, match=r"gradient of \['bert\.encoder\.layer\.0\..*'\] at estimation step 1 "
+    with pytest.raises(GoraNumericalError, match=r"gradient of \['bert\.encoder\.layer\.0\..*'\] at estimation step 2 "
                                                  "contains NaN or Inf"):
         estimate_gora(tiny_bert, LoraConfig(**LORA), make_bert_batches(STEPS), _config(), loss_fn=loss_fn)
 

@@ -293,7 +293,7 @@ def test_nan_gradient_names_layer_and_step(sketch):
     model = tiny_llama()
     before = _snapshot(model)
     loss_fn = _nan_gradient_loss("layers.0.self_attn.q_proj", bad_step=2)
-    with pytest.raises(GoraNumericalError, match=r"model\.layers\.0\.self_attn\.q_proj.*step 2"):
+    with pytest.raises(GoraNumericalError, match=r"model\.layers\.0\.self_attn\.q_proj.*step 3"):
         _run(model, LLAMA_TARGETS, make_lm_batches(4), loss_fn=loss_fn, sketch=sketch)
     _assert_restored(model, before)
 
@@ -304,7 +304,7 @@ def test_nan_loss_is_reported_as_loss_before_gradients():
     def loss_fn(model, batch):
         return model(**batch).loss * float("nan")
 
-    with pytest.raises(GoraNumericalError, match="loss at estimation step 0 is nan"):
+    with pytest.raises(GoraNumericalError, match="loss at estimation step 1 is nan"):
         _run(model, LLAMA_TARGETS, make_lm_batches(2), loss_fn=loss_fn)
     assert all(p.grad is None for p in model.parameters())
 

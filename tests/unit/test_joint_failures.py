@@ -73,7 +73,7 @@ def test_the_failing_process_raises_its_own_error_after_telling_the_others(tiny_
         loss = model(**batch).loss
         return loss * float("nan") if len(calls) == 2 else loss
 
-    with pytest.raises(GoraNumericalError, match="the loss at estimation step 1 is nan"):
+    with pytest.raises(GoraNumericalError, match="the loss at estimation step 2 is nan"):
         estimate_gora(tiny_bert, LoraConfig(**LORA), make_bert_batches(4),
                       GoraConfig(num_steps=4, show_progress=False), loss_fn=loss_fn)
     assert world.flags == [False, True]
