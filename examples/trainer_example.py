@@ -30,7 +30,6 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Ber
                           default_data_collator, set_seed)
 
 from gora import GoraConfig, export_adapter, get_gora_model
-from gora.peft_bridge import state_of
 from gora.trainer import add_gora_logging, estimation_batches
 
 logger = logging.getLogger("trainer_example")
@@ -110,7 +109,7 @@ def main() -> None:
                                       seed=args.seed, disable_tqdm=True)
     trainer = Trainer(model=peft_model, args=training_args, train_dataset=dataset, data_collator=collator,
                       optimizers=(optimizer, None))
-    add_gora_logging(trainer, state_of(peft_model))
+    add_gora_logging(trainer, peft_model.gora_state)
     trainer.train()
 
     peft_model.save_pretrained(str(output / "adapter"))

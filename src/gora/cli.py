@@ -125,6 +125,9 @@ def _add_export(verbs) -> None:
     form.add_argument("--merged", dest="form", action="store_const", const="merged",
                       help="full model with the adapter merged into the weights (merge_and_unload)")
     p.set_defaults(form="portable")
+    p.add_argument("--pad-to-max-rank", action="store_true",
+                   help="portable adapter with every layer zero-padded to the max rank: one rank and one scaling "
+                        "for all layers (SGLang, vLLM <= 0.31), same outputs")
     p.add_argument("--gamma", type=float, default=None, help="override the state's gamma (B is linear in gamma)")
     p.add_argument("--task", choices=("auto", "seq-cls", "causal-lm"), default="auto",
                    help="model head; auto: from the state (gora init) or the adapter's task_type")
@@ -190,6 +193,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
     info = _read_rank_info(path)
     if args.json:
+        from .serving import vllm_max_lora_rank
+
+        adapted = [r for r in info["ranks"].values() if r > 0]
+        info["vllm_max_lora_rank"] = vllm_max_lora_rank(max(adapted)) if adapted else None
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
         print(_rank_table(info))
@@ -213,6 +220,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.pad_to_max_rank and args.form != "portable":
+        raise GoraConfigError(f"--pad-to-max-rank pads the portable adapter; it does not apply to --{args.form}. "
+                              "Drop one of the two.")
     source = Path(args.source)
     model_dir = _model_dir(args.model)
     _check_not_an_input(args.output, model_dir, source)
@@ -233,10 +243,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     from . import export_adapter
 
-    export_adapter(peft_model, args.output, portable=args.form == "portable", state=state)
-    ranks = [r for r in (state.ranks.values() if state else []) if r > 0]
-    hint = f"; serve with vLLM --max-lora-rank >= {max(ranks)}" if ranks and args.form == "portable" else ""
-    print(f"wrote {args.form} adapter to {args.output}{hint}")
+    export_adapter(peft_model, args.output, portable=args.form == "portable", pad_to_max_rank=args.pad_to_max_rank,
+                   state=state)
+    from .peft_bridge import lora_layers
+    from .serving import serving_hint
+
+    form = "uniform-rank portable" if args.pad_to_max_rank else args.form
+    print(f"wrote {form} adapter to {args.output}; {serving_hint(max(r for r, _ in lora_layers(peft_model).values()))}")
     return 0
 
 
@@ -514,6 +527,10 @@ def _rank_table(info: dict[str, Any]) -> str:
         from .diagnostics import describe
 
         rows.append(describe(info["init_stats"]))
+    if adapted:
+        from .serving import serving_hint
+
+        rows.append(serving_hint(max(adapted)))
     return "\n".join(rows)
 
 

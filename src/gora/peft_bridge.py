@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +25,10 @@ from transformers.pytorch_utils import Conv1D
 
 from .atomic import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR_FILE, atomic_directory
 from .config import check_lora_config
-from .errors import GoraStateError, GoraTargetError, GoraTypeError, GoraUnsupportedError
+from .errors import GoraConfigError, GoraStateError, GoraTargetError, GoraTypeError, GoraUnsupportedError
 from .initialization import b_from_c
 from .peft_compat import expanded_lora_config, is_target, refuse_adapter_layers
+from .serving import serving_hint
 from .state import GoraState
 from .targets import _describe, unwrap_model
 from .versions import package_versions
@@ -36,7 +36,6 @@ from .versions import package_versions
 logger = logging.getLogger(__name__)
 
 SIDECAR_VERSION = 1
-_STATES: "weakref.WeakKeyDictionary[nn.Module, GoraState]" = weakref.WeakKeyDictionary()
 
 
 # -- naming ----------------------------------------------------------------------------------
@@ -128,6 +127,11 @@ def apply_gora(
     B_i = −(γ√in/α)·C_i, so ΔW₀ = −γ√(in/r_i)·Ḡ_i P_{A_i}. Base weights are never modified.
     ``gamma`` overrides the state's γ (B is linear in γ: no re-estimation needed).
 
+    The returned model carries the state as ``peft_model.gora_state`` (a plain attribute, read by
+    :func:`export_adapter` and usable with ``add_gora_logging``). It is not saved by ``save_pretrained``: after
+    ``PeftModel.from_pretrained``, pass ``state=GoraState.load(...)`` where it is needed; an exported adapter's
+    ``gora_config.json`` keeps the state's ranks, importances and budget for ``gora inspect``.
+
     Raises:
         GoraStateError: the state does not fit the model (checked before the model is touched).
     """
@@ -160,7 +164,7 @@ def apply_gora(
     except BaseException:
         restore()  # put the user's model back as it was (PEFT's unload keeps modules_to_save copies)
         raise
-    _STATES[peft_model] = state
+    peft_model.gora_state = state  # documented: what export_adapter and add_gora_logging read
     return peft_model
 
 
@@ -216,11 +220,6 @@ def _copy_adapter_weights(peft_model: PeftModel, weights: dict, adapter_name: st
             lora_b.copy_(b.to(device=lora_b.device, dtype=lora_b.dtype))
 
 
-def state_of(peft_model: nn.Module) -> GoraState | None:
-    """The GoraState a model was built from by ``apply_gora`` in this process, if any."""
-    return _STATES.get(peft_model)
-
-
 # -- export ------------------------------------------------------------------------------------
 def lora_layers(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, tuple[int, float]]:
     """{module name: (rank, forward scaling)} read off the model's LoRA layers themselves."""
@@ -233,15 +232,23 @@ def lora_layers(peft_model: PeftModel, adapter_name: str = "default") -> dict[st
 
 
 def export_adapter(
-    peft_model: PeftModel, path: str | os.PathLike, portable: bool = True, *, state: GoraState | None = None,
-    adapter_name: str = "default",
+    peft_model: PeftModel, path: str | os.PathLike, portable: bool = True, *, pad_to_max_rank: bool = False,
+    state: GoraState | None = None, adapter_name: str = "default",
 ) -> Path:
     """Save the adapter; ``portable=True`` writes the form vanilla PEFT and vLLM read the same way.
 
     Portable: ``r`` = max rank, ``lora_alpha`` = ``r`` (global scaling 1), ``rank_pattern`` and
     ``alpha_pattern`` = r_i, ``use_rslora=False``, each ``lora_B`` multiplied by its native scaling
-    (α/√r_i) in fp32. Both forms add a ``gora_config.json`` sidecar (ignored by PEFT and vLLM).
-    The write is atomic: ``path`` is replaced only when everything is written.
+    (α/√r_i) in fp32. ``pad_to_max_rank=True`` (with ``portable``) also zero-pads every layer's ``lora_A`` rows and
+    ``lora_B`` columns to the max rank and writes no ``rank_pattern``/``alpha_pattern``: one rank and one scaling
+    for every layer, the form servers that assume a global rank read (SGLang; vLLM ≤ 0.31), with the same outputs.
+    All forms add a ``gora_config.json`` sidecar (ignored by PEFT and vLLM). The write is atomic: ``path`` is
+    replaced only when everything is written.
+
+    Args:
+        state: the GoraState the model was built from, for the sidecar (ranks, importances, budget); default
+            ``peft_model.gora_state``, which :func:`apply_gora` sets. Without either, the sidecar holds the ranks
+            read off the model's layers.
     """
     if not isinstance(peft_model, PeftModel):
         raise GoraTypeError(f"export_adapter needs a peft.PeftModel (from apply_gora or get_gora_model), "
@@ -251,47 +258,54 @@ def export_adapter(
         raise GoraUnsupportedError(f"adapter {adapter_name!r} is not a LoRA adapter; nothing to export.")
     if portable and config.use_dora:
         raise GoraUnsupportedError("DoRA adapters have no portable rsLoRA-free form; export with portable=False.")
-    state = state if state is not None else state_of(peft_model)
+    if pad_to_max_rank and not portable:
+        raise GoraConfigError("pad_to_max_rank=True pads the portable form (one global scaling); pass portable=True, "
+                              "or leave pad_to_max_rank False for the native form.")
+    if state is not None and not isinstance(state, GoraState):
+        raise GoraTypeError(f"state must be a GoraState or None, got {type(state).__name__}.")
+    state = state if state is not None else getattr(peft_model, "gora_state", None)
     layers = lora_layers(peft_model, adapter_name)
     with atomic_directory(path) as tmp:
         peft_model.save_pretrained(str(tmp), selected_adapters=[adapter_name])
         saved = tmp if adapter_name == "default" else tmp / adapter_name
         if portable:
-            _make_portable(saved, layers)
+            _make_portable(saved, layers, pad_to_max_rank)
             if config.modules_to_save:
                 logger.warning("the adapter carries modules_to_save %s: vanilla PEFT needs them, vLLM rejects them.",
                                sorted(config.modules_to_save))
-            r_max = max(r for r, _ in layers.values())
-            logger.warning("portable adapter with ranks up to %d: vLLM refuses it unless served with "
-                           "--max-lora-rank >= %d", r_max, r_max)
-        _write_sidecar(saved / SIDECAR_FILE, layers, state, portable)
+        logger.warning("exported adapter with %s", serving_hint(max(r for r, _ in layers.values())))
+        _write_sidecar(saved / SIDECAR_FILE, layers, state, portable, pad_to_max_rank)
     return Path(path)
 
 
-def _make_portable(directory: Path, layers: dict[str, tuple[int, float]]) -> None:
+def _make_portable(directory: Path, layers: dict[str, tuple[int, float]], pad: bool) -> None:
+    r_max = max(rank for rank, _ in layers.values())
     weights = load_file(str(directory / ADAPTER_WEIGHTS))
     for key, tensor in weights.items():
         if key.endswith(".lora_B.weight"):
             name = key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
-            weights[key] = (tensor.double() * layers[name][1]).to(tensor.dtype).contiguous()  # fold α/√r_i into B
+            tensor = (tensor.double() * layers[name][1]).to(tensor.dtype)  # fold α/√r_i into B
+            if pad:  # zero columns: B_pad A_pad = B A
+                tensor = torch.nn.functional.pad(tensor, (0, r_max - tensor.shape[1]))
+        elif pad and key.endswith(".lora_A.weight"):  # zero rows
+            tensor = torch.nn.functional.pad(tensor, (0, 0, 0, r_max - tensor.shape[0]))
+        weights[key] = tensor.contiguous()
     save_file(weights, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config_path = directory / ADAPTER_CONFIG
     config = json.loads(config_path.read_text())
     keys = pattern_keys(sorted(layers))
-    r_max = max(rank for rank, _ in layers.values())
-    config.update(
-        r=r_max, lora_alpha=r_max, use_rslora=False, init_lora_weights=True,
-        rank_pattern={keys[n]: rank for n, (rank, _) in layers.items()},
-        alpha_pattern={keys[n]: rank for n, (rank, _) in layers.items()},  # alpha_i / r_i = 1 everywhere
-    )
+    config.update(r=r_max, lora_alpha=r_max, use_rslora=False, init_lora_weights=True,
+                  rank_pattern={} if pad else {keys[n]: rank for n, (rank, _) in layers.items()},
+                  alpha_pattern={} if pad else {keys[n]: rank for n, (rank, _) in layers.items()})  # alpha_i/r_i = 1
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def _write_sidecar(path: Path, layers: dict, state: GoraState | None, portable: bool) -> None:
+def _write_sidecar(path: Path, layers: dict, state: GoraState | None, portable: bool, uniform_rank: bool) -> None:
     sidecar: dict[str, Any] = {
         "format": "gora-adapter",
         "format_version": SIDECAR_VERSION,
         "portable": portable,
+        "uniform_rank": uniform_rank,
         "native_scalings": {n: s for n, (_, s) in sorted(layers.items())},
         "versions": package_versions(),
     }

@@ -181,8 +181,9 @@ def _check_state(state: Any) -> None:
     if not isinstance(state, GoraState):
         got = "None" if state is None else f"a {type(state).__name__}"
         raise GoraTypeError(f"GoRA logging needs a GoraState, got {got}; pass the state returned by "
-                            "estimate_gora, or GoraState.load(directory) for a saved one (state_of(model) is None "
-                            "for a model not built by apply_gora in this process).")
+                            "estimate_gora, peft_model.gora_state (set by apply_gora and get_gora_model), or "
+                            "GoraState.load(directory) for a saved one (a model from PeftModel.from_pretrained "
+                            "carries none).")
 
 
 __all__ = ["estimation_batches", "GoraLoggingCallback", "add_gora_logging"]

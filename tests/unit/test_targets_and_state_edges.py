@@ -18,7 +18,6 @@ from torch import nn
 
 from gora import GoraConfig, GoraState, GoraStateError, estimate_gora, get_gora_model
 from gora.estimation import accumulation_device
-from gora.peft_bridge import state_of
 from gora.targets import TargetLayer
 
 
@@ -75,7 +74,7 @@ PROJ_GORA = dict(num_steps=2, min_rank=1, max_rank=16, show_progress=False)
 def test_a_target_that_is_the_suffix_of_other_modules_gets_its_own_rank_and_other_proj_none():
     peft_model = get_gora_model(_ProjNet(), LoraConfig(**PROJ_LORA), _proj_batches(), GoraConfig(**PROJ_GORA),
                                 loss_fn=_square_loss)
-    state = state_of(peft_model)
+    state = peft_model.gora_state
     assert sorted(state.adapted) == TARGETS
     assert len({state.ranks[name] for name in TARGETS}) == 3, state.ranks  # else a mixed-up rank would not show
 
