@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-benchmarks/results/cpu/grid}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-python -m gora.bench grid \
+python -m gora.bench grid --protocol 1 \
   --methods lora gora \
   --tasks rotten_tomatoes epistemic vitaminc multiemo \
   --seeds 0 1 2 \

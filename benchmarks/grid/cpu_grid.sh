@@ -5,7 +5,7 @@
 # hours (not timed since the grid went from 3 to 4 rates). Resumable: rerun the same command.
 set -euo pipefail
 OUT=${OUT:-benchmarks/results/cpu/grid}
-python -m gora.bench grid \
+python -m gora.bench grid --protocol 1 \
   --methods full lora rslora dora loraplus pissa olora loraga eva adalora gora gora_loraplus \
   --tasks rotten_tomatoes vitaminc multiemo epistemic \
   --seeds 0 1 2 \

@@ -6,7 +6,7 @@
 set -euo pipefail
 export GORA_DATA_DIR=${GORA_DATA_DIR:-gpu_assets}
 OUT=${OUT:-$HOME/out/h100-grid}
-python -m gora.bench grid \
+python -m gora.bench grid --protocol 1 \
   --methods full lora rslora dora loraplus pissa olora loraga eva adalora gora gora_loraplus \
   --tasks rotten_tomatoes vitaminc multiemo epistemic \
   --seeds 0 1 2 \

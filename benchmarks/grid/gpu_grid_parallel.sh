@@ -21,9 +21,9 @@ mkdir -p "$GRID_OUT/logs"
 deadline=$((SECONDS + BUDGET))
 for m in $METHODS; do
   (
-    timeout $((deadline - SECONDS)) python -m gora.bench grid --methods "$m" --tasks epistemic --epochs 4 \
+    timeout $((deadline - SECONDS)) python -m gora.bench grid --protocol 1 --methods "$m" --tasks epistemic --epochs 4 \
       --max-train "$MAX_TRAIN" $COMMON --out-dir "$GRID_OUT/$m/epistemic"
-    timeout $((deadline - SECONDS)) python -m gora.bench grid --methods "$m" --tasks $TASKS --max-train "$MAX_TRAIN" \
+    timeout $((deadline - SECONDS)) python -m gora.bench grid --protocol 1 --methods "$m" --tasks $TASKS --max-train "$MAX_TRAIN" \
       --epochs 1 $COMMON --out-dir "$GRID_OUT/$m/main"
   ) >"$GRID_OUT/logs/$m.log" 2>&1 &
 done

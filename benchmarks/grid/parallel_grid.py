@@ -61,8 +61,8 @@ class Group:
 
 def command(run: Run, plan: dict, study: dict, out: Path) -> list[str]:
     task_args = plan.get("task_args", {})
-    return [sys.executable, "-m", "gora.bench", "grid", "--methods", run.method, "--tasks", run.task,
-            "--seeds", str(run.seed), "--lr", f"{run.method}={run.lr!r}", "--no-report", "--no-progress",
+    return [sys.executable, "-m", "gora.bench", "grid", "--protocol", "1", "--methods", run.method,
+            "--tasks", run.task, "--seeds", str(run.seed), "--lr", f"{run.method}={run.lr!r}", "--no-report", "--no-progress",
             *plan.get("common", []), *task_args.get(run.task, task_args.get("*", [])), *study.get("args", []),
             "--out-dir", str(run.folder(out))]
 

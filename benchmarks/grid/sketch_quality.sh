@@ -20,7 +20,7 @@ CONFIGS=(full-mean_abs full-frobenius sketch-frobenius)
 for task in ${TASKS:-rotten_tomatoes multiemo}; do
   for config in "${CONFIGS[@]}"; do
     # shellcheck disable=SC2086
-    python -m gora.bench grid --methods gora --tasks "$task" --seeds 0 1 2 \
+    python -m gora.bench grid --protocol 1 --methods gora --tasks "$task" --seeds 0 1 2 \
       --max-train 3200 --max-val 256 --max-test 1000 --epochs 2 --batch-size 32 --max-length 64 \
       --gora-steps 32 --threads "$THREADS" --no-progress --lr gora=5e-4 ${FLAGS[$config]} \
       --out-dir "$RUNS/$task/$config" --no-report

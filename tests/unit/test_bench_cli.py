@@ -81,15 +81,64 @@ def test_bench_grid_refusal_is_a_gora_error_and_writes_nothing(tmp_path, options
 
     out = tmp_path / "g3"
     with pytest.raises(GoraConfigError, match=message):
+        main(["grid", "--protocol", "1", *options, "--out-dir", str(out), "--no-progress", "--no-report"])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--arms", "lorra"], r"Unknown arm\(s\) \['lorra'\] in --arms \(did you mean 'lora'\?\); known arms: lora"),
+    (["--arms", "lora", "--tasks", "nosuchtask"], r"Unknown task\(s\) \['nosuchtask'\].*clinc150"),
+    (["--arms", "lora", "--lr", "lorra=1e-3"], r"Unknown arm\(s\) \['lorra'\] in the learning-rate grid"),
+    (["--arms", "lora", "--seeds", "0", "100"], r"Selection seeds \[100\] are also test seeds"),
+    (["--arms", "lora", "--selection-seeds", "7"], r">= 2 selection seeds"),
+    (["--arms", "lora", "--ranks", "4", "8"], r"one reference rank"),
+    (["--arms", "lora", "--ranks", "0"], r"rank must be .*\(--ranks\)"),
+    (["--arms", "lora", "--epochs", "2"], r"--epochs: protocol 2 trains a fixed number of --steps"),
+    (["--arms", "gora", "--adaptive-gamma"], r"gora_adaptive_gamma"),
+    (["--arms", "lora", "--steps", "0"], r"--steps"),
+    (["--arms", "lora", "--head-lr", "0"], r"--head-lr"),
+    (["--arms", "lora", "--batch-size", "0"], r"--batch-size"),
+    (["--arms", "lora", "--worker", "2/2"], r"0 <= I < N"),
+    (["--arms", "lora", "--methods", "lora"], r"Pass the arms once"),
+])
+def test_protocol_2_grid_refusal_writes_nothing(tmp_path, options, message):
+    from gora.bench.cli import main
+    from gora.errors import GoraConfigError
+
+    out = tmp_path / "g5"
+    with pytest.raises(GoraConfigError, match=message):
         main(["grid", *options, "--out-dir", str(out), "--no-progress", "--no-report"])
     assert not out.exists()
+
+
+def test_protocol_1_refuses_protocol_2_options(tmp_path):
+    from gora.bench.cli import main
+    from gora.errors import GoraConfigError
+
+    with pytest.raises(GoraConfigError, match=r"--steps, --head-lr: protocol 2 options"):
+        main(["grid", "--protocol", "1", "--steps", "10", "--head-lr", "1e-3", "--out-dir", str(tmp_path / "g")])
+    assert not (tmp_path / "g").exists()
+
+
+def test_protocol_2_is_the_default_with_its_sizes(monkeypatch, tmp_path):
+    from gora.bench import protocol2
+    from gora.bench.cli import main
+
+    seen = {}
+    monkeypatch.setattr(protocol2, "run_arm_grid", lambda arms, tasks, seeds, **kw: seen.update(
+        arms=arms, tasks=tasks, seeds=seeds, **kw) or [])
+    assert main(["grid", "--out-dir", str(tmp_path), "--no-report", "--worker", "1/2"]) == 0
+    assert seen["arms"] == list(protocol2.DEFAULT_ARMS) and seen["seeds"] == [0, 1, 2, 3, 4]
+    assert seen["selection_seeds"] == (100, 101) and seen["worker"] == (1, 2) and seen["max_extensions"] == 3
+    assert seen["train_config"].batch_size == 16 and seen["train_config"].curve is True
+    assert seen["method_config"].gora_eval_batches is True and seen["r"] == 8
 
 
 def test_gora_bench_grid_with_unknown_task_exits_2_with_the_message(tmp_path, capsys):
     from gora.cli import main
 
     out = tmp_path / "g3"
-    code = main(["bench", "grid", "--methods", "lora", "--tasks", "nosuchtask", "--out-dir", str(out),
+    code = main(["bench", "grid", "--arms", "lora", "--tasks", "nosuchtask", "--out-dir", str(out),
                  "--no-progress", "--no-report"])
     assert code == 2
     err = capsys.readouterr().err
@@ -101,8 +150,8 @@ def test_python_m_gora_bench_turns_refusals_into_exit_2(tmp_path, monkeypatch, c
     import runpy
 
     out = tmp_path / "g4"
-    monkeypatch.setattr(sys, "argv", ["gora.bench", "grid", "--methods", "lorra", "--out-dir", str(out),
-                                      "--no-progress", "--no-report"])
+    monkeypatch.setattr(sys, "argv", ["gora.bench", "grid", "--protocol", "1", "--methods", "lorra", "--out-dir",
+                                      str(out), "--no-progress", "--no-report"])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_module("gora.bench", run_name="__main__", alter_sys=False)
     assert exit_info.value.code == 2

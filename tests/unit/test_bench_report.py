@@ -118,3 +118,10 @@ def test_rank_sweep_gets_one_row_per_method_and_rank():
     assert _row(table, "lora r=2")[1] == "70.00 ± 0.00" and _row(table, "lora r=8")[1] == "80.00 ± 0.00"
     assert _row(table, "full")[1] == "90.00 ± 0.00"
     assert "| lora |" not in table  # a method at one rank keeps its plain name (see the fixture tables above)
+
+
+def test_protocol_2_records_get_one_row_per_arm_not_per_method():
+    records = [{**_record("gora", "rotten_tomatoes", s, 0.8, 1), "arm": arm} for s in (0, 1)
+               for arm in ("gora", "gora_gamma0")]
+    table = markdown_table(records_frame(records))
+    assert _row(table, "gora") and _row(table, "gora_gamma0")

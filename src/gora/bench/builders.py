@@ -66,6 +66,14 @@ class MethodConfig:
     """Choose gamma per run on ``GoraConfig.gamma_batches`` held-out training batches (spec 4.2; never test data)."""
     seed: int = 0
     """Seed of GoRA's per-layer A draws."""
+    head_lr: float | None = None
+    """Learning rate of the new head (``modules_to_save``) in its own AdamW group; None: the head shares ``lr``
+    (protocol 1). Protocol 2 fixes it for every arm so that the tuned adapter lr never sets the head's speed."""
+    gora_eval_batches: bool = False
+    """Pass GoRA the ``GAMMA_BATCHES`` batches after its estimation batches as ``eval_batches`` (protocol 2: the
+    core then measures the held-out loss at W0 and right after initialisation)."""
+    gora_head_warmup_steps: int = 0
+    """``GoraConfig.head_warmup_steps``: steps that train the new head alone before GoRA's estimation (0: none)."""
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -75,6 +83,10 @@ class MethodConfig:
         if self.init_steps < 1 or self.eva_steps < 1:
             raise GoraConfigError(f"init_steps and eva_steps must be >= 1 (--gora-steps, --eva-steps), "
                                   f"got {self.init_steps}, {self.eva_steps}.")
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise GoraConfigError(f"head_lr must be > 0 or None (--head-lr), got {self.head_lr}.")
+        if self.gora_head_warmup_steps < 0:
+            raise GoraConfigError(f"gora_head_warmup_steps must be >= 0, got {self.gora_head_warmup_steps}.")
 
 
 @dataclass
@@ -97,18 +109,43 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def head_parameters(model: nn.Module, cfg: MethodConfig) -> list[nn.Parameter]:
+    """Trainable parameters of the new head: those under a module named in ``cfg.modules_to_save`` (PEFT's trained
+    copy, ``classifier.modules_to_save.default``, or the plain ``classifier`` in full fine-tuning)."""
+    heads = set(cfg.modules_to_save)
+    return [p for name, p in model.named_parameters() if p.requires_grad and heads & set(name.split("."))]
+
+
+def with_head_group(optimizer: torch.optim.Optimizer, model: nn.Module, cfg: MethodConfig) -> torch.optim.Optimizer:
+    """Move the head's parameters into their own group at ``cfg.head_lr`` (no change when ``head_lr`` is None).
+
+    Runs before the first step and before the scheduler is made, so every group follows the same schedule.
+    """
+    if cfg.head_lr is None:
+        return optimizer
+    head = head_parameters(model, cfg)
+    ids = {id(p) for p in head}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    if head:
+        optimizer.add_param_group({"params": head, "lr": cfg.head_lr, "weight_decay": cfg.weight_decay})
+    return optimizer
+
+
 def adamw(model: nn.Module, cfg: MethodConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return with_head_group(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay), model, cfg)
 
 
 def loraplus_adamw(model: nn.Module, cfg: MethodConfig) -> torch.optim.Optimizer:
     from peft.optimizers import create_loraplus_optimizer
 
-    return create_loraplus_optimizer(
+    optimizer = create_loraplus_optimizer(
         model=model, optimizer_cls=torch.optim.AdamW, lr=cfg.lr,
         loraplus_lr_ratio=cfg.loraplus_ratio, weight_decay=cfg.weight_decay,
     )
+    return with_head_group(optimizer, model, cfg)
 
 
 def lora_config(cfg: MethodConfig, **overrides: Any):

@@ -15,10 +15,28 @@ from gora.bench import set_offline_env
 
 logger = logging.getLogger(__name__)
 
-METHOD_IDS = ("full", "lora", "rslora", "dora", "loraplus", "pissa", "olora", "loraga", "eva", "adalora", "gora",
-              "gora_loraplus")
+METHOD_IDS = ("full", "lora", "rslora", "dora", "loraplus", "rslora_loraplus", "pissa", "olora", "loraga", "eva",
+              "adalora", "gora", "gora_loraplus")
 TASK_IDS = ("rotten_tomatoes", "clinc150", "yahoo_answers", "tweet_sentiment", "vitaminc", "multiemo", "epistemic")
 
+
+ARM_IDS = ("lora", "rslora", "rslora_loraplus", "gora", "gora_loraplus", "gora_gamma0", "gora_fixed_rank",
+           "gora_head_warmup", "gora_adaptive_gamma", "gora_warmup_adaptive", "pissa", "loraga", "eva", "dora",
+           "adalora", "full", "loraplus", "olora")
+GRID_DESCRIPTION = """\
+Protocol 2 (default): every arm trains --steps steps at batch --batch-size; the new classifier head has its own
+AdamW group at --head-lr for every arm; each arm's lr is chosen per task on the mean final validation loss over
+--selection-seeds (runs kept in lr_search.json, never results), from a factor-2 grid that is extended past its edge
+when the choice sits there; then the --seeds runs are the results (results.json), each with its learning curve
+(train loss, validation loss and accuracy at 25, 50, 100, ... steps and the last), GoRA's init diagnostics and how
+its lr was chosen. Resumable: finished runs are never recomputed. Two single-thread workers on one folder:
+  gora bench grid --out-dir D --worker 0/2 --threads 1 &  gora bench grid --out-dir D --worker 1/2 --threads 1
+Arms: lora, rslora (alpha/sqrt(r)), rslora_loraplus (LoRA+ ratio 16), gora, gora_loraplus, gora_gamma0 (gamma 0:
+allocation only), gora_fixed_rank (every rank r: initialisation only), gora_head_warmup (50 head-only steps before
+estimation), gora_adaptive_gamma, gora_warmup_adaptive (both); the wider field: pissa, loraga, eva, dora, adalora,
+full, loraplus, olora.
+Protocol 1 (--protocol 1, superseded): epochs, lr chosen on seed 0's validation accuracy and reused as its result.
+"""
 
 THREADS_HELP = ("CPU threads for torch (default: torch's choice); on a shared machine use the cores actually free: "
                 "2 threads on 1 free core ran 7x slower than 1 thread")
@@ -51,8 +69,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="add a task from CSV/JSONL files with text, [text_pair], label columns; use NAME in --tasks")
     t = p.add_argument_group("training")
     t.add_argument("--max-length", type=int, default=64, help="tokens per example")
-    t.add_argument("--batch-size", type=int, default=32, help="training batch size")
-    t.add_argument("--epochs", type=float, default=1.0, help="passes over the training split")
+    t.add_argument("--batch-size", type=int, help="training batch size (default 16 in protocol 2, else 32)")
+    t.add_argument("--epochs", type=float, help="passes over the training split (protocol 1; default 1)")
     t.add_argument("--warmup-ratio", type=float, default=0.06, help="share of steps with linear warmup")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
@@ -74,7 +92,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="GoRA's layer importance (default mean|W ⊙ Ḡ|, the paper's)")
     m.add_argument("--gora-estimator", choices=["full", "sketch"], default="full",
                    help="GoRA's gradient estimator; sketch needs --gora-importance frobenius")
-    m.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
+    m.add_argument("--seeds", type=int, nargs="+", help="training seeds of the results (default 0 1 2 3 4 in "
+                                                           "protocol 2, else 0)")
     m.add_argument("--out-dir", required=True, help="grid folder: results.json, lr_search.json, table, plots")
     m.add_argument("--no-report", action="store_true", help="skip the table and plots at the end")
 
@@ -84,19 +103,23 @@ def _grid_kwargs(args: argparse.Namespace, methods: Sequence[str]) -> dict:
     from gora.bench.runner import DataConfig
     from gora.bench.train import TrainConfig
 
+    v2 = getattr(args, "protocol", 1) == 2
     lr_grid = {m: tuple(args.lrs) for m in methods} if args.lrs else {}
     lr_grid.update(dict(args.lr))
+    batch_size = args.batch_size if args.batch_size is not None else (16 if v2 else 32)
     return {
         "out_dir": args.out_dir,
         "lr_grid": lr_grid,
         "model_path": args.model_path,
-        "train_config": TrainConfig(max_length=args.max_length, batch_size=args.batch_size, epochs=args.epochs,
+        "train_config": TrainConfig(max_length=args.max_length, batch_size=batch_size, epochs=1.0 if args.epochs is None else args.epochs,
+                                    steps=getattr(args, "steps", None) if v2 else None, curve=v2,
                                     warmup_ratio=args.warmup_ratio, device=args.device, bf16=args.bf16,
                                     progress=not args.no_progress),
         "method_config": MethodConfig(init_steps=args.gora_steps, eva_steps=args.eva_steps, gora_gamma=args.gamma,
                                       gora_adaptive_gamma=args.adaptive_gamma, gora_min_rank=args.gora_min_rank,
                                       gora_max_rank=args.gora_max_rank, gora_importance=args.gora_importance,
-                                      gora_estimator=args.gora_estimator),
+                                      gora_estimator=args.gora_estimator,
+                                      head_lr=getattr(args, "head_lr", None) if v2 else None, gora_eval_batches=v2),
         "data_config": DataConfig(split_seed=args.split_seed, max_train=args.max_train, max_val=args.max_val,
                                   max_test=args.max_test, data_dir=args.data_dir,
                                   user_tasks={name: (train, test) for name, train, test in args.user_task}),
@@ -112,12 +135,51 @@ def _report(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
             logger.info("wrote %s", path)
 
 
-def cmd_grid(args: argparse.Namespace) -> int:
-    from gora.bench.grid import run_grid
+V2_ONLY = ("arms", "steps", "head_lr", "selection_seeds", "worker", "max_extensions")
 
-    records = run_grid(args.methods, args.tasks, args.seeds, ranks=args.ranks, **_grid_kwargs(args, args.methods))
-    logger.info("%d records in %s", len(records), args.out_dir)
-    _report(args, args.argv)
+
+def _refuse(args: argparse.Namespace, names: Sequence[str], why: str) -> None:
+    from gora.errors import GoraConfigError
+
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is not None]
+    if given:
+        raise GoraConfigError(f"{', '.join(given)}: {why}")
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    if args.protocol == 1:
+        from gora.bench.grid import run_grid
+
+        _refuse(args, V2_ONLY, "protocol 2 options; drop them or leave out --protocol 1.")
+        methods = args.methods or ["lora", "gora"]
+        records = run_grid(methods, args.tasks, args.seeds or [0], ranks=args.ranks, **_grid_kwargs(args, methods))
+        logger.info("%d records in %s (protocol 1, superseded)", len(records), args.out_dir)
+        _report(args, args.argv)
+        return 0
+    from gora.bench.protocol2 import DEFAULT_ARMS, DEFAULT_TEST_SEEDS, parse_worker, run_arm_grid
+    from gora.errors import GoraConfigError
+
+    _refuse(args, ["epochs"], "protocol 2 trains a fixed number of --steps; --epochs belongs to --protocol 1.")
+    if args.adaptive_gamma:
+        raise GoraConfigError("--adaptive-gamma would change every GoRA arm; protocol 2 has arms for it "
+                              "(gora_adaptive_gamma, gora_warmup_adaptive): add them to --arms.")
+    if args.methods and args.arms:
+        raise GoraConfigError("Pass the arms once: --arms (--methods is its protocol-1 name).")
+    if len(args.ranks) != 1:
+        raise GoraConfigError(f"Protocol 2 runs one reference rank (--ranks R), got {args.ranks}; use "
+                              "`rank-sweep` for several.")
+    arms = args.arms or args.methods or list(DEFAULT_ARMS)
+    worker = parse_worker(args.worker) if args.worker else (0, 1)
+    records = run_arm_grid(arms, args.tasks, args.seeds or list(DEFAULT_TEST_SEEDS), r=args.ranks[0],
+                           selection_seeds=args.selection_seeds or (100, 101), worker=worker,
+                           max_extensions=3 if args.max_extensions is None else args.max_extensions,
+                           **_grid_kwargs(args, arms))
+    logger.info("%d records in %s (protocol 2)", len(records), args.out_dir)
+    if worker[1] == 1:
+        _report(args, args.argv)
+    else:
+        logger.info("Worker %d/%d done; when every worker has finished: python -m gora.bench report %s",
+                    *worker, args.out_dir)
     return 0
 
 
@@ -125,7 +187,7 @@ def cmd_rank_sweep(args: argparse.Namespace) -> int:
     from gora.bench.sweep import run_rank_sweep
 
     kwargs = _grid_kwargs(args, args.methods)
-    run_rank_sweep(args.task, args.seeds, methods=args.methods, ranks=args.ranks, **kwargs)
+    run_rank_sweep(args.task, args.seeds or [0], methods=args.methods, ranks=args.ranks, **kwargs)
     _report(args, args.argv)
     return 0
 
@@ -193,10 +255,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    grid = sub.add_parser("grid", help="methods x tasks x seeds, resumable, lr chosen on validation")
-    grid.add_argument("--methods", nargs="+", default=["lora", "gora"], help=f"from {', '.join(METHOD_IDS)}")
+    grid = sub.add_parser("grid", help="arms x tasks x seeds, resumable, lr chosen on validation loss (protocol 2)",
+                          description=GRID_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    grid.add_argument("--protocol", type=int, choices=[1, 2], default=2,
+                      help="2 (default): controlled comparisons, see above; 1: the superseded grid (epochs, lr "
+                           "chosen on seed 0's validation accuracy, head at the adapter's lr)")
+    grid.add_argument("--arms", nargs="+", help=f"protocol 2: from {', '.join(ARM_IDS)} "
+                      "(default: the first ten)")
+    grid.add_argument("--methods", nargs="+", help=f"protocol 1: from {', '.join(METHOD_IDS)} (default lora gora); "
+                      "in protocol 2 the same as --arms")
     grid.add_argument("--tasks", nargs="+", default=["rotten_tomatoes"], help=f"from {', '.join(TASK_IDS)} or user")
-    grid.add_argument("--ranks", type=int, nargs="+", default=[8], help="reference ranks r (alpha = 2r)")
+    grid.add_argument("--ranks", type=int, nargs="+", default=[8], help="reference rank(s) r (alpha = 2r); "
+                      "protocol 2 takes one")
+    v2 = grid.add_argument_group("protocol 2")
+    v2.add_argument("--steps", type=int, help="optimizer steps per run (default 200); curve at 25, 50, 100, ... "
+                    "and the last step")
+    v2.add_argument("--head-lr", type=float, help="lr of the new classifier head's own AdamW group, the same for "
+                    "every arm (default 1e-3)")
+    v2.add_argument("--selection-seeds", type=int, nargs="+",
+                    help="seeds whose mean final validation loss chooses each arm's lr; disjoint from --seeds "
+                         "(default 100 101)")
+    v2.add_argument("--max-extensions", type=int,
+                    help="times a grid is extended past its edge when the choice sits there (default 3)")
+    v2.add_argument("--worker", metavar="I/N",
+                    help="run worker I of N on one --out-dir (e.g. 0/2 and 1/2 in two processes, each with "
+                         "--threads 1); each takes every N-th (task, arm) and merges into results.json")
     _add_run_options(grid)
     grid.set_defaults(func=cmd_grid)
 

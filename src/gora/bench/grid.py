@@ -44,7 +44,7 @@ DEFAULT_LR_GRID: dict[str, tuple[float, ...]] = {
     # alpha / sqrt(r) scaling (rsLoRA, GoRA) or large initial factors (PiSSA, LoRA-GA): lower rates.
     **{m: (1e-4, 2e-4, 5e-4, 1e-3) for m in ("rslora", "gora", "pissa", "loraga")},
     # LoRA+ multiplies B's rate by 16.
-    **{m: (5e-5, 1e-4, 2e-4, 5e-4) for m in ("loraplus", "gora_loraplus")},
+    **{m: (5e-5, 1e-4, 2e-4, 5e-4) for m in ("loraplus", "rslora_loraplus", "gora_loraplus")},
     # AdaLoRA's adapters start at E = 0 with A, B ~ N(0, 0.02): its update grows ~100x slower than LoRA's at one
     # rate, and 200 steps at 2e-4..1e-3 left MiniLM at the majority class on every task (H100 grid, first pass).
     "adalora": (2e-3, 5e-3, 1e-2, 2e-2),
@@ -107,9 +107,11 @@ def check_settings(out_dir: Path, settings: dict, *, write: bool = True) -> None
                 "use a new out_dir, or delete its results to start over."
             )
         return
-    if write:
+    if write:  # atomic: parallel workers may write the same settings at once
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / CONFIG_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True), encoding="utf-8")
+        tmp = out_dir / f"{CONFIG_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(settings, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, out_dir / CONFIG_FILE)
 
 
 def _is_int(value) -> bool:
@@ -188,7 +190,14 @@ def grid_settings(train_config: TrainConfig, method_config: MethodConfig, data_c
     data = {k: v for k, v in dataclasses.asdict(data_config).items() if k != "data_dir"}
     flat = {**{f"train.{k}": v for k, v in train.items()}, **{f"method.{k}": v for k, v in method.items()},
             **{f"data.{k}": v for k, v in data.items()}, "alpha_per_rank": alpha_per_rank}
+    flat = {k: v for k, v in flat.items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
     return json.loads(json.dumps(flat))  # tuples -> lists, as they come back from the file
+
+
+LATER_FIELDS = {"train.steps": None, "train.curve": False, "method.head_lr": None, "method.gora_eval_batches": False,
+                "method.gora_head_warmup_steps": 0}
+"""Settings added with protocol 2, left out of a folder's settings while at these defaults: a protocol-1 folder
+written before they existed still resumes."""
 
 
 class Grid:

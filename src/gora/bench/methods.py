@@ -27,6 +27,7 @@ METHODS: dict[str, Builder] = {
     "rslora": plain_lora_builder(use_rslora=True),
     "dora": plain_lora_builder(use_dora=True),
     "loraplus": plain_lora_builder(loraplus=True),
+    "rslora_loraplus": plain_lora_builder(loraplus=True, use_rslora=True),
     "pissa": plain_lora_builder(init_lora_weights="pissa"),
     "olora": plain_lora_builder(init_lora_weights="olora"),
     "loraga": build_loraga,
@@ -46,7 +47,8 @@ def init_batch_count(method: str, cfg: MethodConfig) -> int:
         return 0
     if method == "eva":
         return cfg.eva_steps
-    held_out = GAMMA_BATCHES if method.startswith("gora") and cfg.gora_adaptive_gamma else 0
+    held_out = GAMMA_BATCHES if method.startswith("gora") and (cfg.gora_adaptive_gamma or cfg.gora_eval_batches) \
+        else 0
     return cfg.init_steps + held_out
 
 

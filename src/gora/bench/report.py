@@ -37,6 +37,8 @@ def records_frame(records: Sequence[Record]) -> pd.DataFrame:
     missing = {"method", "task", "seed", "value"} - set(df.columns)
     if missing:
         raise ValueError(f"Records lack field(s) {sorted(missing)}; see benchmark-format.md.")
+    if "arm" in df.columns:  # protocol 2: one row per arm (gora_gamma0 is method gora, but its own row)
+        df["method"] = df["arm"].where(df["arm"].notna(), df["method"])
     if "r" in df.columns:  # a rank sweep: one row per (method, r) for methods run at several ranks
         swept = df.groupby("method")["r"].nunique()
         rows = df["method"].isin(swept[swept > 1].index) & df["r"].notna()

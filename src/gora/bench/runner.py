@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 RECORD_INFO_FIELDS = (
     "init_seconds", "ranks", "gamma", "adaptive_gamma", "num_steps", "min_rank", "max_rank", "importance", "estimator",
     "budget", "actual_params", "estimation_seconds", "loraplus_ratio", "target_r", "init_batches",
+    "init_relative_delta", "init_loss_w0", "init_loss_after", "head_warmup_steps",
 )
 """Fields a builder may report that go into the record when present."""
 
@@ -165,9 +166,11 @@ class CellRunner:
         return replace(self.method_config, r=rank, lora_alpha=self.alpha_per_rank * rank, lr=lr,
                        total_steps=steps, seed=seed)
 
-    def run(self, method: str, task: str, seed: int, r: int | None, lr: float) -> Record:
+    def run(self, method: str, task: str, seed: int, r: int | None, lr: float, **overrides) -> Record:
+        """One run; ``overrides`` are ``MethodConfig`` fields changed for this run (protocol-2 arms)."""
         data, splits = self.task(task)
         cfg = self.method_config_for(r, lr, total_steps(len(splits[0]), self.train_config), seed)
+        cfg = replace(cfg, **overrides) if overrides else cfg
         device = resolve_device(self.train_config.device)
         count = init_batch_count(method, cfg)
         batches = init_batches(splits[0], self.tokenizer, self.train_config, seed, count) if count else []
@@ -196,4 +199,9 @@ class CellRunner:
             "max_length": tc.max_length, "batch_size": tc.batch_size, "epochs": tc.epochs, "bf16": tc.bf16,
         }
         record.update({k: info[k] for k in RECORD_INFO_FIELDS if k in info})
+        if result.curve is not None:  # protocol 2
+            labels = data.test["label"]
+            record.update(curve=result.curve, val_loss=result.val_loss, eval_seconds=result.eval_seconds,
+                          majority_rate=float(labels.value_counts().max() / len(labels)), epochs=None,
+                          method=method)
         return record

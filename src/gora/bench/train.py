@@ -36,7 +36,11 @@ class TrainConfig:
     batch_size: int = 32
     eval_batch_size: int = 128
     epochs: float = 1.0
-    """Passes over the training split; fractions allowed (e.g. 0.5)."""
+    """Passes over the training split; fractions allowed (e.g. 0.5). Ignored when ``steps`` is set."""
+    steps: int | None = None
+    """Fixed number of optimizer steps (protocol 2; the data cycles in new seeded orders). None: ``epochs``."""
+    curve: bool = False
+    """Record a learning curve: mean training loss and validation loss/accuracy at :func:`checkpoint_steps`."""
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     bf16: bool = False
@@ -53,6 +57,8 @@ class TrainConfig:
                                   f"{self.eval_batch_size}.")
         if not self.epochs > 0:
             raise GoraConfigError(f"epochs must be > 0 (--epochs), got {self.epochs}.")
+        if self.steps is not None and self.steps < 1:
+            raise GoraConfigError(f"steps must be >= 1 (--steps), got {self.steps}.")
         if not 0 <= self.warmup_ratio < 1:
             raise GoraConfigError(f"warmup_ratio must be in [0, 1) (--warmup-ratio), got {self.warmup_ratio}.")
 
@@ -68,6 +74,12 @@ class TrainResult:
     peak_memory_bytes: int
     test_top_class_share: float
     """Share of test predictions in the most predicted class; 1.0 = collapsed to one class (not learned yet)."""
+    curve: list[dict] | None = None
+    """``[{"step", "train_loss", "val_loss", "val_metric"}, ...]`` when ``TrainConfig.curve`` is set."""
+    val_loss: float | None = None
+    """Mean validation cross-entropy after training (curve runs)."""
+    eval_seconds: float = 0.0
+    """Time spent on the curve's validation passes (not part of ``train_seconds``)."""
 
 
 def encode(df: pd.DataFrame, tokenizer, max_length: int) -> Encoded:
@@ -89,7 +101,18 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def total_steps(num_examples: int, cfg: TrainConfig) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
     return max(1, round(steps_per_epoch(num_examples, cfg.batch_size) * cfg.epochs))
+
+
+def checkpoint_steps(steps: int, first: int = 25) -> list[int]:
+    """Where a learning curve is measured: 25, 50, 100, 200, ... (doubling) below ``steps``, then ``steps``."""
+    points, step = [], first
+    while step < steps:
+        points.append(step)
+        step *= 2
+    return [*points, steps]
 
 
 def shuffled_batches(data: Encoded, batch_size: int, seed: int) -> Iterator[Encoded]:
@@ -114,12 +137,14 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 def optimise(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Batch], steps: int, *,
              warmup_ratio: float, max_grad_norm: float, progress: bool = True, desc: str = "train",
-             autocast=None, step_callback=None) -> dict:
+             autocast=None, step_callback=None, checkpoints=(), evaluate=None) -> dict:
     """``steps`` AdamW-style steps with linear warmup/decay and grad-norm clipping; the loop every bench task shares.
 
     ``batches`` yields ready batches for ``model(**batch).loss``; ``step_callback(step)`` runs after
     ``optimizer.step()`` and before ``zero_grad()`` (AdaLoRA). Returns ``train_seconds``, ``steps``, ``first_loss``
-    and ``final_loss`` (mean of the last tenth).
+    and ``final_loss`` (mean of the last tenth). With ``checkpoints`` it also returns ``curve``: at each checkpoint
+    step the mean training loss since the previous one plus what ``evaluate()`` returns, and ``eval_seconds`` (the
+    time ``evaluate`` took, left out of ``train_seconds``).
     """
     from contextlib import nullcontext
 
@@ -128,6 +153,9 @@ def optimise(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: 
     scheduler = get_linear_schedule_with_warmup(optimizer, round(warmup_ratio * steps), steps)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     losses: list[float] = []
+    curve: list[dict] = []
+    eval_seconds = 0.0
+    checkpoints = set(checkpoints)
     model.train()
     start = time.perf_counter()
     for step in tqdm(range(1, steps + 1), desc=desc, leave=False, disable=not progress, unit="step"):
@@ -141,20 +169,64 @@ def optimise(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: 
             step_callback(step)
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())  # CPU-GPU sync point; negligible next to the step at these sizes
-    seconds = time.perf_counter() - start
+        if step in checkpoints:
+            eval_start = time.perf_counter()
+            since = losses[curve[-1]["step"] if curve else 0 :]
+            curve.append({"step": step, "train_loss": sum(since) / len(since), **(evaluate() if evaluate else {})})
+            eval_seconds += time.perf_counter() - eval_start
+    seconds = time.perf_counter() - start - eval_seconds
     tail = losses[-max(1, len(losses) // 10) :]
-    return {"train_seconds": seconds, "steps": steps, "first_loss": losses[0], "final_loss": sum(tail) / len(tail)}
+    result = {"train_seconds": seconds, "steps": steps, "first_loss": losses[0], "final_loss": sum(tail) / len(tail)}
+    if checkpoints:
+        result.update(curve=curve, eval_seconds=eval_seconds)
+    return result
 
 
-def train(built: BuiltMethod, data: Encoded, tokenizer, cfg: TrainConfig, seed: int, desc: str = "train") -> dict:
-    """Train ``built.model`` in place; returns ``train_seconds``, ``steps`` and ``final_loss``."""
+def train(built: BuiltMethod, data: Encoded, tokenizer, cfg: TrainConfig, seed: int, desc: str = "train",
+          val_data: Encoded | None = None) -> dict:
+    """Train ``built.model`` in place; returns ``train_seconds``, ``steps`` and ``final_loss`` (and with
+    ``cfg.curve`` the learning curve on ``val_data``: ``curve``, ``eval_seconds``)."""
     device = resolve_device(cfg.device)
     batches = (collate(b, tokenizer, device) for b in shuffled_batches(data, cfg.batch_size, seed))
-    result = optimise(built.model, built.optimizer, batches, total_steps(len(data), cfg),
+    steps = total_steps(len(data), cfg)
+    curve = {}
+    if cfg.curve:
+        if not val_data:
+            raise ValueError("A learning curve needs validation data; raise the validation split's size.")
+
+        def evaluate() -> dict:
+            loss, metric = evaluate_loss_and_accuracy(built.model, val_data, tokenizer, cfg)
+            return {"val_loss": loss, "val_metric": metric}
+
+        curve = {"checkpoints": checkpoint_steps(steps), "evaluate": evaluate}
+    result = optimise(built.model, built.optimizer, batches, steps,
                       warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm, progress=cfg.progress,
-                      desc=desc, autocast=lambda: _autocast(cfg, device), step_callback=built.step_callback)
+                      desc=desc, autocast=lambda: _autocast(cfg, device), step_callback=built.step_callback, **curve)
     del result["first_loss"]
     return result
+
+
+@torch.no_grad()
+def evaluate_loss_and_accuracy(model: torch.nn.Module, data: Encoded, tokenizer, cfg: TrainConfig
+                               ) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on ``data``: length-sorted batches, eval mode, no gradients; the model's
+    train/eval mode is restored afterwards."""
+    device = resolve_device(cfg.device)
+    was_training = model.training
+    model.eval()
+    try:
+        order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(order), cfg.eval_batch_size):
+            batch = collate([data[i] for i in order[start : start + cfg.eval_batch_size]], tokenizer, device)
+            labels = batch.pop("labels")
+            with _autocast(cfg, device):
+                logits = model(**batch).logits
+            loss_sum += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+    finally:
+        model.train(was_training)
+    return loss_sum / len(data), correct / len(data)
 
 
 @torch.no_grad()
@@ -211,15 +283,18 @@ def train_and_evaluate(
     """Train on ``splits[0]`` and report accuracy on ``splits[1]`` (validation) and ``splits[2]`` (test)."""
     train_split, val_split, test_split = splits
     device = resolve_device(cfg.device)
-    stats = train(built, train_split, tokenizer, cfg, seed, desc)
+    stats = train(built, train_split, tokenizer, cfg, seed, desc, val_data=val_split)
     predicted, labels = predict(built.model, test_split, tokenizer, cfg)
     share = top_class_share(predicted)
     if share == 1.0:
         logger.warning("%s: every test prediction is class %d after %d steps (loss %.3f): the run has not learned "
                        "beyond the majority class; train longer (more examples or epochs) or raise the lr.",
                        desc, predicted[0], stats["steps"], stats["final_loss"])
+    curve = stats.get("curve")
+    if curve:  # the last checkpoint is the last step: its validation pass is the final one
+        stats["val_loss"] = curve[-1]["val_loss"]
     return TrainResult(
-        val_accuracy=accuracy(built.model, val_split, tokenizer, cfg),
+        val_accuracy=curve[-1]["val_metric"] if curve else accuracy(built.model, val_split, tokenizer, cfg),
         test_accuracy=sum(p == y for p, y in zip(predicted, labels)) / len(labels),
         peak_memory_bytes=peak_memory_bytes(device),
         test_top_class_share=share,
