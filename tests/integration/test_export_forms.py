@@ -219,3 +219,31 @@ def test_pad_to_max_rank_with_another_form_is_refused_before_loading(exported, t
     assert main(["export", str(root / "nowhere"), str(root / "native"), "-o", str(tmp_path / "out"), form,
                  "--pad-to-max-rank"]) == 2
     assert "--pad-to-max-rank pads the portable adapter" in capsys.readouterr().err
+
+
+# -- vLLM's own adapter-config reader, where it can be imported --------------------------------------------------
+@pytest.mark.parametrize("form", ["native", "portable", "uniform"])
+def test_vllm_reads_each_form_with_the_ranks_and_scalings_peft_uses(exported, form):
+    """vLLM's ``PEFTHelper`` (its reader of adapter_config.json) accepts the export at the printed
+    ``--max-lora-rank`` and gives every layer the rank and scaling PEFT gives it. vLLM is not a dependency: its wheel
+    is built for CUDA, but this module imports on a CPU machine (``pip install --no-deps vllm`` plus the few
+    packages it names); elsewhere the test is skipped."""
+    try:
+        from vllm.config.lora import LoRAConfig
+        from vllm.lora.peft_helper import PEFTHelper
+    except Exception as error:  # noqa: BLE001 (not installed, or an import that needs a GPU build)
+        pytest.skip(f"vLLM's LoRA config reader cannot be imported here: {error!r}")
+    from transformers import AutoModelForCausalLM
+
+    root, _, state, _ = exported
+    helper = PEFTHelper.from_local_dir(str(root / form), max_position_embeddings=64)
+    size = vllm_max_lora_rank(max(state.ranks.values()))
+    helper.validate_legal(LoRAConfig(max_lora_rank=size))
+    with pytest.raises(ValueError, match="greater than max_lora_rank"):
+        helper.validate_legal(LoRAConfig(max_lora_rank=VLLM_MAX_LORA_RANKS[VLLM_MAX_LORA_RANKS.index(size) - 1]))
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(root / "base")), root / form)
+    for name, module in reloaded.base_model.model.named_modules():
+        if name in state.adapted:
+            rank, scaling = helper.get_rank_and_scaling(name)
+            assert rank == module.lora_A["default"].weight.shape[0], (form, name)
+            assert scaling == pytest.approx(module.scaling["default"], rel=1e-12), (form, name)
