@@ -19,8 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .atomic import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, RANK_PLOT_FILE, SIDECAR_FILE, TENSOR_FILE,
-                     atomic_directory, check_output_directory)
+from .atomic import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    META_FILE,
+    RANK_PLOT_FILE,
+    SIDECAR_FILE,
+    TENSOR_FILE,
+    atomic_directory,
+    check_output_directory,
+)
 from .errors import GoraConfigError, GoraDataError, GoraError, GoraStateError, GoraUnsupportedError
 
 logger = logging.getLogger("gora.cli")

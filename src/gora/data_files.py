@@ -121,7 +121,8 @@ def _json_line(line: str, path: Path, number: int) -> dict[str, Any]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise GoraDataError(f"{path} line {number} is not valid JSON ({error}); JSONL needs one object per line.")
+        raise GoraDataError(f"{path} line {number} is not valid JSON ({error}); "
+                            "JSONL needs one object per line.") from None
     if not isinstance(record, dict):
         raise GoraDataError(f"{path} line {number} is a {type(record).__name__}; each line must be a JSON object.")
     return record

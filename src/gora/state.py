@@ -19,8 +19,15 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .atomic import (META_FILE, TENSOR_FILE, atomic_directory, clean_leftovers, interrupted_saves, sha256_bytes,
-                     sha256_file)
+from .atomic import (
+    META_FILE,
+    TENSOR_FILE,
+    atomic_directory,
+    clean_leftovers,
+    interrupted_saves,
+    sha256_bytes,
+    sha256_file,
+)
 from .errors import GoraStateError
 
 FORMAT_VERSION = 1

@@ -47,7 +47,8 @@ def test_tsv_is_read_with_tabs(tmp_path):
         ("empty.csv", "text,label\n", r"holds no examples \(only a header line\); it must hold a header line naming "
                                       r"a 'text' column .* and at least one row below it"),
         ("blank.csv", "", r"holds no examples \(it is empty\); it must hold a header line"),
-        ("empty.jsonl", "\n\n", r"holds no examples \(it is empty\); it must hold one JSON object per line with a 'text'"),
+        ("empty.jsonl", "\n\n", r"holds no examples \(it is empty\); it must hold one JSON object per line "
+                                 r"with a 'text'"),
         ("empty.txt", "  \n", r"it must hold at least one non-blank line \(one document per line"),
         ("bad.jsonl", '{"text": "a"}\nnot json\n', "line 2 is not valid JSON"),
         ("list.jsonl", "[1, 2]\n", "must be a JSON object"),
