@@ -164,7 +164,7 @@ def apply_gora(
     except BaseException:
         restore()  # put the user's model back as it was (PEFT's unload keeps modules_to_save copies)
         raise
-    peft_model.gora_state = state  # documented: what export_adapter and add_gora_logging read
+    peft_model.gora_state = state  # type: ignore[assignment]  # documented attribute (mypy: Module attrs are tensors)
     return peft_model
 
 
