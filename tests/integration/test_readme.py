@@ -1,15 +1,17 @@
-"""The README's Quick start runs as written, on a tiny BERT, and its adapter loads in vanilla PEFT."""
+"""The README's Quick start runs as pasted on the installed MiniLM, and its adapter loads in vanilla PEFT."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import _bert_config, make_bert_batches
+from conftest import minilm_path
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
 
 
 def _quick_start_blocks() -> list[str]:
@@ -18,35 +20,58 @@ def _quick_start_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
-def _fresh_model():
-    from transformers import BertForSequenceClassification
+def _fresh_minilm():
+    from transformers import AutoModelForSequenceClassification
 
-    torch.manual_seed(0)
-    return BertForSequenceClassification(_bert_config()).eval()
+    torch.manual_seed(0)  # as the Quick start does: the same new head
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).eval()
 
 
-def test_the_quick_start_runs_as_written_and_its_adapter_loads_in_vanilla_peft(tmp_path, monkeypatch, capsys):
+def _probe() -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    return dict(tokenizer(["an unexpected, moving story", "i left halfway through"], padding=True,
+                          return_tensors="pt"))
+
+
+def test_the_quick_start_runs_as_pasted_and_its_adapter_loads_in_vanilla_peft(tmp_path, monkeypatch, capsys):
     from peft import PeftModel
 
+    minilm_path()  # skips where the MiniLM package is not installed
     one_call, two_steps = _quick_start_blocks()
     monkeypatch.chdir(tmp_path)
-    namespace = {"model": _fresh_model(), "train_batches": make_bert_batches(32)}
+    namespace: dict = {}  # nothing given: the blocks load their own model and batches
     exec(compile(one_call, "README.md (Quick start, one call)", "exec"), namespace)
-    peft_model = namespace["peft_model"]
+    peft_model = namespace["peft_model"].eval()
     assert isinstance(peft_model, PeftModel)
     assert "trainable params" in capsys.readouterr().out
-    probe = make_bert_batches(1, seed=7)[0]
-    probe.pop("labels")
+    ranks = {name: module.r["default"] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    assert len(set(ranks.values())) > 1  # GoRA's ranks, not LoRA's single r
+    probe = _probe()
     with torch.no_grad():
         expected = peft_model(**probe).logits
-        reloaded = PeftModel.from_pretrained(_fresh_model(), str(tmp_path / "adapter")).eval()
+        reloaded = PeftModel.from_pretrained(_fresh_minilm(), str(tmp_path / "adapter")).eval()
         torch.testing.assert_close(reloaded(**probe).logits, expected)
-        assert not torch.allclose(_fresh_model()(**probe).logits, expected)  # GoRA's start is not the base model
+        assert not torch.allclose(_fresh_minilm()(**probe).logits, expected)  # GoRA's start is not the base model
 
-    # the two-step form is an alternative to the one call: it starts again from an unwrapped model
-    namespace["model"] = _fresh_model()
+    # the two-step form, pasted after the first block: same model, batches and seed give the same adapter
     exec(compile(two_steps, "README.md (Quick start, two steps)", "exec"), namespace)
     assert "budget" in capsys.readouterr().out  # state.summary()
     assert (tmp_path / "gora_state").is_dir()
-    with torch.no_grad():  # same model, batches and seed: the same adapter as the one call
-        torch.testing.assert_close(namespace["peft_model"](**probe).logits, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(namespace["peft_model"].eval()(**probe).logits, expected)
+
+
+def test_every_relative_link_of_the_readme_points_into_the_repository():
+    text = README.read_text()
+    targets = [t.split("#", 1)[0] for t in re.findall(r"\]\(([^)]+)\)", text) if "://" not in t]
+    assert targets, "the README links its docs, examples and results"
+    missing = [t for t in targets if t and not (ROOT / t).exists()]
+    assert not missing, f"README links to files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("command", ["make demo", "make test"])
+def test_the_two_set_up_commands_stay_in_the_readme_and_the_makefile(command):
+    assert f"\n{command}    # installs the pinned dependencies" in README.read_text()
+    assert f"\n{command.split()[1]}: setup" in (ROOT / "Makefile").read_text()
