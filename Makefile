@@ -5,7 +5,7 @@ PYTHON ?= python3
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-fast lint
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 
@@ -14,3 +14,11 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+# A contributor's loop (CONTRIBUTING.md), on an installed checkout: no set-up step
+test-fast:  # the library's unit tests, without the harness's (test_bench_*) and the ones marked slow
+	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not slow" --ignore-glob='tests/unit/test_bench_*' tests/unit
+
+lint:  # ruff and mypy, configured in pyproject.toml (pip install -r requirements-ci.txt installs both)
+	$(PYTHON) -m ruff check src tests
+	$(PYTHON) -m mypy

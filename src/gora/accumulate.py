@@ -114,7 +114,7 @@ class GradientAccumulator:
         self._workspaces: dict[tuple[torch.device, int], Tensor] = {}  # sketch temporaries, reused
 
     # -- context management ---------------------------------------------------------------
-    def __enter__(self) -> "GradientAccumulator":
+    def __enter__(self) -> GradientAccumulator:
         try:
             self._saved_modes = [(m, m.training) for m in self.model.modules()]
             self._saved_flags = [(p, p.requires_grad) for p in self.model.parameters()]

@@ -43,7 +43,7 @@ class GradientCheckpointing:
         self._saved_modes: list[tuple[nn.Module, bool]] = []
         self._wrapped: list[tuple[nn.Module, Any]] = []  # (block, its own instance ``forward`` before, or None)
 
-    def __enter__(self) -> "GradientCheckpointing":
+    def __enter__(self) -> GradientCheckpointing:
         enable = getattr(self.model, "gradient_checkpointing_enable", None)
         if not callable(enable):
             raise GoraUnsupportedError(

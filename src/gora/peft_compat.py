@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers, check_target_module_exists
@@ -17,14 +18,14 @@ def expanded_lora_config(model: nn.Module, lora_config: LoraConfig) -> LoraConfi
     config = copy.deepcopy(lora_config)
     if config.target_modules is None and getattr(config, "target_parameters", None) is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        defaults = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        defaults = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type) if model_type else None
         if defaults is None:
             raise GoraTargetError(
                 f"LoraConfig.target_modules is None and PEFT has no default targets for model_type={model_type!r}; "
                 "pass target_modules (exact names, dotted suffixes, a regex, or 'all-linear')."
             )
-        config.target_modules = set(defaults)
-    return _maybe_include_all_linear_layers(config, model)
+        config.target_modules = set(defaults)  # type: ignore[assignment]  # a set, as LoraConfig itself stores it
+    return cast(LoraConfig, _maybe_include_all_linear_layers(config, model))
 
 
 def is_target(config: LoraConfig, name: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from peft import LoraConfig
@@ -36,7 +37,7 @@ class TargetLayer:
 
     @property
     def weight(self) -> nn.Parameter:
-        return self.module.weight
+        return cast(nn.Parameter, self.module.weight)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -202,7 +202,7 @@ def test_golden_search_treats_a_diverging_loss_as_infinitely_bad():
     assert golden_section_log(loss, 1e-5, 1.0, start=5e-2) == pytest.approx(0.1, rel=0.12)
 
 
-@pytest.mark.parametrize("case", ["mlp", "bert"])
+@pytest.mark.parametrize("case", ["mlp", pytest.param("bert", marks=pytest.mark.slow)])  # bert: a scan of ~40 γ
 def test_golden_search_reaches_the_scans_best_held_out_loss_within_0_1_percent(case):
     """On the held-out batches, the γ the golden search picks has a loss within 0.1 % of the scan's best point,
     from a fraction of the scan's loss evaluations."""

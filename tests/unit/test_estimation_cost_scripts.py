@@ -196,6 +196,7 @@ def test_official_style_baseline_keeps_one_running_sum_and_sweeps_every_paramete
         torch.testing.assert_close(means[layer.name].double(), reference, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow  # times three estimators on MiniLM-sized layers
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # PEFT's LoRA-GA hooks on an input without grad
 def test_loraga_is_also_timed_against_a_train_mode_floor_with_dropout_on(scripts, monkeypatch):
     """PEFT's LoRA-GA runs its passes in train mode: the time section adds a train-mode floor for it (and only
