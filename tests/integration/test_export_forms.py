@@ -14,11 +14,12 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 
-from conftest import make_lm_batches, tiny_llama
 from gora import GoraConfig, GoraState, apply_gora, estimate_gora, export_adapter
 from gora.errors import GoraConfigError, GoraTypeError
 from gora.peft_bridge import read_sidecar
 from gora.serving import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
+
+from conftest import make_lm_batches, tiny_llama
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
             task_type="CAUSAL_LM")
@@ -247,3 +248,38 @@ def test_vllm_reads_each_form_with_the_ranks_and_scalings_peft_uses(exported, fo
             rank, scaling = helper.get_rank_and_scaling(name)
             assert rank == module.lora_A["default"].weight.shape[0], (form, name)
             assert scaling == pytest.approx(module.scaling["default"], rel=1e-12), (form, name)
+
+
+def _sglang_config(directory):
+    """SGLang's own reading of adapter_config.json (its ``LoRAConfig``). Its ``LoRAAdapter`` then applies one scaling,
+    ``lora_alpha / r``, and stacks q/k/v's lora_A as if every layer had rank ``r`` (sglang/srt/lora/lora.py); that
+    module imports torchvision and GPU kernels, so only the config reader runs here."""
+    try:
+        from sglang.srt.lora.lora_config import LoRAConfig as SGLangLoRAConfig
+    except Exception as error:  # noqa: BLE001 (not installed, or an import that needs a GPU build)
+        pytest.skip(f"SGLang's LoRA config reader cannot be imported here: {error!r}")
+    return SGLangLoRAConfig(str(directory))
+
+
+def test_sglang_reads_the_uniform_form_with_one_rank_and_peft_s_scaling(exported):
+    """The uniform-rank form meets SGLang's two assumptions (one rank ``r`` in every tensor, one scaling
+    ``lora_alpha / r`` equal to PEFT's scaling of every layer); the portable form (per-layer ranks) and the native
+    form (rsLoRA's α/√r_i per layer) do not, which is what the uniform form is for."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    root, _, state, _ = exported
+
+    def ranks(form):
+        weights = load_file(str(root / form / "adapter_model.safetensors"))
+        return {t.shape[0] for k, t in weights.items() if "lora_A" in k} | \
+            {t.shape[1] for k, t in weights.items() if "lora_B" in k}
+
+    uniform = _sglang_config(root / "uniform")
+    assert ranks("uniform") == {uniform.r} and uniform.target_modules
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(root / "base")), root / "uniform")
+    scalings = {m.scaling["default"] for m in reloaded.modules() if isinstance(getattr(m, "scaling", None), dict)}
+    assert scalings == {uniform.lora_alpha / uniform.r}
+    assert ranks("portable") != {_sglang_config(root / "portable").r}
+    native = _sglang_config(root / "native")
+    assert {native.lora_alpha / native.r} != {8 / r**0.5 for r in ranks("native")}
