@@ -6,8 +6,9 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 
-from conftest import make_bert_batches
 from gora import GoraConfig, apply_gora, estimate_gora
+
+from conftest import make_bert_batches
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], task_type="SEQ_CLS")

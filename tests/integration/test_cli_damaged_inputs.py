@@ -9,10 +9,11 @@ import shutil
 import pytest
 from peft import LoraConfig
 
-from conftest import make_lm_batches, tiny_llama
 from gora import GoraConfig, estimate_gora
 from gora.atomic import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, SIDECAR_FILE, TENSOR_FILE
 from gora.cli import main
+
+from conftest import make_lm_batches, tiny_llama
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
 

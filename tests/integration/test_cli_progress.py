@@ -7,9 +7,10 @@ import pytest
 import tqdm.std
 from peft import LoraConfig
 
-from conftest import make_lm_batches, tiny_llama
 from gora import GoraConfig, estimate_gora
 from gora.cli import main
+
+from conftest import make_lm_batches, tiny_llama
 
 WORDS = "the a movie film good bad great awful plot actor boring fun story love hate was is and".split()
 

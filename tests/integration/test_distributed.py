@@ -237,6 +237,7 @@ def _ddp_wrapped_estimation(rank: int, workdir: Path) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from gora import GoraConfig, GoraTargetError, apply_gora, estimate_gora, get_gora_model
+
     from test_hygiene import ModelSnapshot
 
     model = _tiny_bert()
@@ -272,9 +273,11 @@ def _ddp_wrapped_estimation(rank: int, workdir: Path) -> None:
 
 
 def _nan_on_one_rank(rank: int, workdir: Path) -> None:
-    """Rank 1's loss is NaN at its second step only: both ranks must raise, at once, with their models restored. fp32 with the
-    NaN/Inf flags read every 3 steps (the accelerator's deferred schedule), and fp16 (read at once, every step)."""
+    """Rank 1's loss is NaN at its second step only: both ranks must raise, at once, with their models restored. fp32
+    with the NaN/Inf flags read every 3 steps (the accelerator's deferred schedule), and fp16 (read at once, every
+    step)."""
     from gora import GoraConfig, GoraNumericalError, estimate_gora, estimation
+
     from test_hygiene import ModelSnapshot
 
     estimation._check_every = lambda device: 3  # this process only: the deferred read, as on an accelerator
@@ -284,7 +287,7 @@ def _nan_on_one_rank(rank: int, workdir: Path) -> None:
         snapshot = ModelSnapshot(model)
         calls = []
 
-        def loss_fn(module, batch):
+        def loss_fn(module, batch, calls=calls):  # this dtype's calls
             calls.append(len(calls))
             loss = module(**batch).loss
             return loss * math.nan if rank == 1 and len(calls) == 2 else loss

@@ -108,13 +108,15 @@ def test_a_dataloader_with_worker_processes_gives_the_same_state_as_a_list(tiny_
     threads can deadlock); the result is the list's, bit for bit."""
     from peft import LoraConfig
 
-    from conftest import make_bert_batches
     from gora import GoraConfig, estimate_gora
+
+    from conftest import make_bert_batches
 
     batches = make_bert_batches(4)
     lora, config = LoraConfig(r=4, target_modules=["query", "value"]), GoraConfig(num_steps=4, show_progress=False)
     loader = torch.utils.data.DataLoader(_Batches(batches), batch_size=None, num_workers=2)
-    from_loader, from_list = estimate_gora(tiny_bert, lora, loader, config), estimate_gora(tiny_bert, lora, batches, config)
+    from_loader = estimate_gora(tiny_bert, lora, loader, config)
+    from_list = estimate_gora(tiny_bert, lora, batches, config)
     assert from_loader.ranks == from_list.ranks and from_loader.importance == from_list.importance
     assert all(torch.equal(from_loader.C[n], from_list.C[n]) and torch.equal(from_loader.A[n], from_list.A[n])
                for n in from_list.C)

@@ -10,9 +10,10 @@ import torch
 from peft import LoraConfig, PeftModel
 
 import gora.peft_bridge
-from conftest import _bert_config, make_bert_batches
 from gora import GoraConfig, apply_gora, estimate_gora, export_adapter
 from gora.errors import GoraStateError, GoraTypeError
+
+from conftest import _bert_config, make_bert_batches
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "gora_config.json")

@@ -13,7 +13,6 @@ from torch import nn
 from transformers import BertForSequenceClassification
 
 import gora.peft_bridge
-from conftest import _bert_config, make_bert_batches, tiny_gpt2
 from gora import GoraConfig, GoraState, apply_gora, estimate_gora
 from gora.errors import (
     GoraConfigError,
@@ -25,6 +24,8 @@ from gora.errors import (
     GoraTypeError,
     GoraUnsupportedError,
 )
+
+from conftest import _bert_config, make_bert_batches, tiny_gpt2
 from test_hygiene import ModelSnapshot
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"])

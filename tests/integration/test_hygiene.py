@@ -16,9 +16,10 @@ from torch.nn.modules import module as nn_module
 import gora.accumulate
 import gora.offload
 import gora.peft_bridge
-from conftest import _bert_config, make_bert_batches
 from gora import GoraConfig, apply_gora, estimate_gora
 from gora.errors import GoraDataError, GoraNumericalError, GoraStateError
+
+from conftest import _bert_config, make_bert_batches
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value", "output.dense"])
 STEPS = 4

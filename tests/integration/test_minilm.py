@@ -6,8 +6,9 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 
+from gora import GoraConfig, apply_gora, estimate_gora
+
 from conftest import minilm_path
-from gora import GoraConfig, estimate_gora, apply_gora
 
 SENTENCES = [
     ("a gripping, beautifully acted film", 1), ("dull, lifeless and far too long", 0),

@@ -6,6 +6,8 @@ import pytest
 import torch
 from peft import LoraConfig
 
+from gora import GoraConfig, apply_gora, estimate_gora
+
 from conftest import (
     make_bert_batches,
     make_lm_batches,
@@ -16,7 +18,6 @@ from conftest import (
     tiny_t5,
     tiny_vit,
 )
-from gora import GoraConfig, apply_gora, estimate_gora
 
 CONFIG = GoraConfig(num_steps=3, show_progress=False)
 
@@ -58,7 +59,8 @@ def test_gpt2_conv1d_layers_are_adapted():
 
 def test_t5_short_names_match_by_dotted_suffix_not_substring():
     model = tiny_t5()
-    state = _check(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v", "o"]), make_t5_batches(3), 2 * 2 * 3 + 2 * 3)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v", "o"])
+    state = _check(model, lora, make_t5_batches(3), 2 * 2 * 3 + 2 * 3)
     # "o" must not hit wo, lm_head, or any name merely containing the letter o
     assert all(name.split(".")[-1] in {"q", "v", "o"} for name in state.ranks)
 
@@ -70,15 +72,16 @@ def test_vit_image_classifier():
 
 
 def test_bert_regex_targets(tiny_bert):
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=r".*layer\.1\.attention\.self\.(query|key)", task_type="SEQ_CLS")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=r".*layer\.1\.attention\.self\.(query|key)",
+                      task_type="SEQ_CLS")
     state = _check(tiny_bert, lora, make_bert_batches(3), 2)
     assert set(state.ranks) == {"bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.key"}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_models_estimate_in_fp32(tiny_bert, dtype):
-    reference = estimate_gora(copy.deepcopy(tiny_bert), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]),
-                              make_bert_batches(3), CONFIG)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
+    reference = estimate_gora(copy.deepcopy(tiny_bert), lora, make_bert_batches(3), CONFIG)
     model = tiny_bert.to(dtype)
     weights = copy.deepcopy(model.state_dict())
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")

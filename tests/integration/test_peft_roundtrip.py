@@ -9,9 +9,9 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 
-from conftest import make_bert_batches
 from gora import GoraConfig, GoraState, apply_gora, estimate_gora, export_adapter, get_gora_model
-from gora.targets import resolve_targets
+
+from conftest import make_bert_batches
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], task_type="SEQ_CLS")
 
@@ -28,7 +28,8 @@ def _logits(model, batch):
 @pytest.fixture
 def gora_model(tiny_bert):
     base_weights = copy.deepcopy(tiny_bert.state_dict())
-    state = estimate_gora(tiny_bert, LoraConfig(**LORA), make_bert_batches(8), GoraConfig(num_steps=8, show_progress=False))
+    config = GoraConfig(num_steps=8, show_progress=False)
+    state = estimate_gora(tiny_bert, LoraConfig(**LORA), make_bert_batches(8), config)
     return apply_gora(tiny_bert, LoraConfig(**LORA), state), state, base_weights
 
 
@@ -130,7 +131,8 @@ def test_state_round_trip_gives_same_model(tiny_bert, tmp_path):
 
 
 def test_gamma_can_change_at_apply_time(tiny_bert):
-    state = estimate_gora(tiny_bert, LoraConfig(**LORA), make_bert_batches(4), GoraConfig(num_steps=4, show_progress=False))
+    config = GoraConfig(num_steps=4, show_progress=False)
+    state = estimate_gora(tiny_bert, LoraConfig(**LORA), make_bert_batches(4), config)
     name = state.adapted[0]
     b_default = _lora_b(apply_gora(copy.deepcopy(tiny_bert), LoraConfig(**LORA), state), name)
     b_double = _lora_b(apply_gora(copy.deepcopy(tiny_bert), LoraConfig(**LORA), state, gamma=2 * state.gamma), name)

@@ -7,8 +7,9 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from conftest import make_bert_batches
 from gora import GoraConfig, apply_gora, estimate_gora
+
+from conftest import make_bert_batches
 
 
 class LinearRegression(nn.Module):

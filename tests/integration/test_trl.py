@@ -8,9 +8,10 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 
-from conftest import tiny_llama
 from gora import GoraConfig, get_gora_model
 from gora.trainer import add_gora_logging, estimation_batches
+
+from conftest import tiny_llama
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")

@@ -19,6 +19,7 @@ from gora import GoraConfig, apply_gora, estimate_gora
 from gora.errors import GoraTargetError, GoraUnsupportedError
 from gora.estimation import run_estimation
 from gora.targets import _is_quantised, resolve_targets
+
 from test_hygiene import ModelSnapshot
 
 CONFIG = GoraConfig(num_steps=3, show_progress=False)

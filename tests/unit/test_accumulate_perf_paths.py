@@ -10,13 +10,14 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from conftest import make_bert_batches, make_lm_batches, tiny_llama
 from gora import GoraConfig, accumulate, offload
-from gora.sketch import SketchOperators
 from gora.errors import GoraNumericalError, GoraUnsupportedError
 from gora.estimation import accumulation_device, model_device, run_estimation
 from gora.initialization import draw_a, draw_omega
+from gora.sketch import SketchOperators
 from gora.targets import resolve_targets
+
+from conftest import make_bert_batches, make_lm_batches, tiny_llama
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

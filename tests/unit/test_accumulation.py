@@ -1,15 +1,14 @@
 """Streamed accumulation equals plain autograd, for every layer, the last-computed one included."""
 
-import math
 
-import pytest
 import torch
 from peft import LoraConfig
 
-from conftest import make_bert_batches, make_lm_batches, tiny_gpt2
 from gora import GoraConfig
 from gora.estimation import accumulation_device, run_estimation
 from gora.targets import resolve_targets
+
+from conftest import make_bert_batches, make_lm_batches, tiny_gpt2
 
 
 def _autograd_mean_grads(model, targets, batches):
@@ -28,7 +27,8 @@ def _autograd_mean_grads(model, targets, batches):
 def _estimate(model, lora_config, batches, **config):
     targets, _ = resolve_targets(model, lora_config)
     config = GoraConfig(num_steps=len(batches), show_progress=False, **config)
-    run = run_estimation(model, targets, iter(batches), config, None, None, accumulation_device(targets, torch.device("cpu"), config))
+    device = accumulation_device(targets, torch.device("cpu"), config)
+    run = run_estimation(model, targets, iter(batches), config, None, None, device)
     return targets, run
 
 

@@ -210,8 +210,9 @@ def test_golden_search_reaches_the_scans_best_held_out_loss_within_0_1_percent(c
         model, estimation, held_out = _mlp(), _regression_batches(8, seed=4), _regression_batches(4, seed=20)
         lora, loss_fn, scale = LORA, _loss, 10  # the best γ is about 1.4: widen the grid to hold it inside
     else:
-        from conftest import make_bert_batches
         from transformers import BertConfig, BertForSequenceClassification
+
+        from conftest import make_bert_batches
 
         torch.manual_seed(0)
         model = BertForSequenceClassification(BertConfig(

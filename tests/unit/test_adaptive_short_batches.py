@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gora import GoraDataError, estimate_gora
+
 from test_adaptive import LORA, _config, _loss, _mlp, _regression_batches
 
 

@@ -15,9 +15,10 @@ import torch
 from peft import LoraConfig
 from transformers import BatchEncoding
 
-from conftest import make_bert_batches
 from gora import GoraConfig, estimate_gora
 from gora.estimation import batch_size, move_to_device
+
+from conftest import make_bert_batches
 
 META = torch.device("meta")
 Pair = namedtuple("Pair", ["input_ids", "labels"])

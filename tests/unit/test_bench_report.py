@@ -37,7 +37,7 @@ def results(tmp_path):
 
 
 def _row(table: str, method: str) -> list[str]:
-    line = next(l for l in table.splitlines() if l.startswith(f"| {method} "))
+    line = next(row for row in table.splitlines() if row.startswith(f"| {method} "))
     return [c.strip() for c in line.strip("|").split("|")]
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from conftest import make_bert_batches
-from gora import GoraConfig, estimate_gora
-from gora import estimation
+from gora import GoraConfig, estimate_gora, estimation
 from gora.errors import GoraNumericalError
+
+from conftest import make_bert_batches
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"])
 

@@ -10,10 +10,11 @@ import torch
 from peft import LoraConfig
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import make_bert_batches
 from gora import accumulate
 from gora.accumulate import GradientAccumulator
 from gora.targets import resolve_targets
+
+from conftest import make_bert_batches
 
 TARGETS = ["query", "key", "value", "dense"]
 

@@ -175,8 +175,9 @@ def test_official_style_baseline_keeps_one_running_sum_and_sweeps_every_paramete
     """The baseline must be what it names: one sum per weight in the parameter dtype (not N copies) and a sweep over
     all parameters in every hook; its mean equals plain autograd's."""
     import torch
-    from conftest import make_bert_batches
     from transformers import BertConfig, BertForSequenceClassification
+
+    from conftest import make_bert_batches
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
@@ -216,8 +217,8 @@ def test_loraga_is_also_timed_against_a_train_mode_floor_with_dropout_on(scripts
     assert len(out["train_floor_s"]) == len(out["floor_s"]) == len(out["method_s"]) == 2
     assert out["time_ratio_vs_train_floor"] > 0 and out["time_ratio_vs_train_floor_interval"] is None  # 2 rounds
     assert modes.count(True) == 2 and modes.count(False) == 3  # warm-up and 2 eval floors, 2 train floors
-    line = next(line for line in scripts["report"].time_table([{**out, **spec, "method": "loraga", "status": "ok",
-                                                               "weights": "random"}]) if line.startswith("| PEFT LoRA-GA"))
+    rows = scripts["report"].time_table([{**out, **spec, "method": "loraga", "status": "ok", "weights": "random"}])
+    line = next(line for line in rows if line.startswith("| PEFT LoRA-GA"))
     assert f"| {out['time_ratio_vs_train_floor']:.3f} |" in line
     modes.clear()
     out = worker.measure_cost({**spec, "method": "gora"})

@@ -24,6 +24,7 @@ from gora import GoraState
 from gora.atomic import sha256_file
 from gora.errors import GoraStateError
 from gora.state import META_FILE, TENSOR_FILE, _metadata_checksum
+
 from test_state_files import assert_same_state, make_state
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

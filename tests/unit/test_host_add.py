@@ -6,11 +6,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig
 
-from conftest import make_lm_batches, tiny_gpt2, tiny_llama
 from gora import GoraConfig
-from gora.host_add import host_add_
 from gora.estimation import run_estimation
+from gora.host_add import host_add_
 from gora.targets import resolve_targets
+
+from conftest import make_lm_batches, tiny_gpt2, tiny_llama
 
 
 @settings(max_examples=40, deadline=None)

@@ -4,6 +4,8 @@ On CUDA every host read (``.item()``, ``.tolist()``, ``.cpu()``, ``bool(t)``, ..
 reads are counted here on the CPU, where the code paths are the same.
 """
 
+import functools
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -61,8 +63,8 @@ def test_host_reads_do_not_grow_with_layers(monkeypatch, estimator, importance):
     reads = {}
     for count in (2, 6):
         targets, sums, a_max = _layers(count, estimator)
-        running = _count_host_reads(monkeypatch, lambda: _running_importance(targets, sums, config))
-        final = _count_host_reads(monkeypatch, lambda: _score_and_project(targets, sums, a_max, config))
+        running = _count_host_reads(monkeypatch, functools.partial(_running_importance, targets, sums, config))
+        final = _count_host_reads(monkeypatch, functools.partial(_score_and_project, targets, sums, a_max, config))
         reads[count] = (running, final)
     assert reads[2] == reads[6]
     assert max(reads[6]) <= 2

@@ -111,8 +111,9 @@ def test_a_failing_estimation_leaves_no_draw_threads_and_the_state_holds_the_see
 
     from peft import LoraConfig
 
-    from conftest import make_bert_batches
     from gora import GoraConfig, estimate_gora
+
+    from conftest import make_bert_batches
 
     lora = LoraConfig(r=4, target_modules=["query", "value"])
     config = GoraConfig(num_steps=2, estimator=estimator, importance="frobenius", show_progress=False)

@@ -12,8 +12,9 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from conftest import make_bert_batches
 from gora import GoraConfig, estimate_gora
+
+from conftest import make_bert_batches
 
 BERT_LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"])
 
@@ -88,8 +89,9 @@ def test_fp16_partial_overflow_redo_adds_each_layer_once_and_matches_fp32_autogr
 # -- 2. the sketch estimator on fp16 and bf16 models --------------------------------------------------------
 @pytest.fixture(scope="module")
 def sketch_fp32_run():
-    from conftest import _bert_config
     from transformers import BertForSequenceClassification
+
+    from conftest import _bert_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -141,4 +143,5 @@ def test_c_is_the_least_squares_fit_of_the_autograd_mean_gradient_below_max_rank
         expected = _least_squares_c(g_bar[name], a).float()
         assert state.C[name].shape == (out_features, state.ranks[name])
         scale = expected.abs().max().item()
-        torch.testing.assert_close(state.C[name], expected, rtol=1e-3, atol=1e-4 * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(state.C[name], expected, rtol=1e-3, atol=1e-4 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")

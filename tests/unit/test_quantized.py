@@ -8,8 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from gora import GoraState, GoraUnsupportedError
-from gora import quantized
+from gora import GoraState, GoraUnsupportedError, quantized
 
 
 def _state() -> GoraState:

@@ -4,8 +4,9 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from conftest import make_bert_batches
 from gora import GoraConfig, GoraConfigError, estimate_gora
+
+from conftest import make_bert_batches
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"])
 
