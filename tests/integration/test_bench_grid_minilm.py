@@ -46,3 +46,21 @@ def test_two_method_grid_cell_end_to_end(tmp_path):
     assert f"{100 * lora['value']:.2f} ± 0.00" in table
     for png in ("accuracy.png", "gora_ranks.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_protocol_2_arms_on_minilm_record_curves_head_lr_and_gora_init_diagnostics(tmp_path):
+    from gora.bench.protocol2 import run_arm_grid
+
+    records = run_arm_grid(
+        ["lora", "gora"], ["rotten_tomatoes"], [0], out_dir=tmp_path, lr_grid={"lora": (1e-3,), "gora": (5e-4,)},
+        train_config=TrainConfig(max_length=32, batch_size=16, steps=3, progress=False),
+        method_config=MethodConfig(init_steps=2),
+        data_config=DataConfig(max_train=96, max_val=16, max_test=32),
+    )
+    lora, gora = sorted(records, key=lambda r: r["arm"] != "lora")
+    for record in (lora, gora):
+        assert FIELDS <= set(record) and record["protocol"] == 2 and record["head_lr"] == 1e-3
+        assert [p["step"] for p in record["curve"]] == [3] and record["val_loss"] > 0
+        assert record["selected_by"] == "fixed lr (no search)" and record["test_size"] == 32
+    assert lora["trainable_params"] == 338_690 and lora["init_relative_delta"] is None
+    assert gora["init_relative_delta"] > 0 and gora["init_loss_w0"] > 0 and gora["init_loss_after"] > 0
