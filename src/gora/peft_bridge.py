@@ -26,6 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from .atomic import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR_FILE, atomic_directory
 from .config import check_lora_config
 from .errors import GoraConfigError, GoraStateError, GoraTargetError, GoraTypeError, GoraUnsupportedError
+from .head_warmup import check_head_fits, copy_head_into
 from .initialization import b_from_c
 from .peft_compat import expanded_lora_config, is_target, refuse_adapter_layers
 from .serving import serving_hint
@@ -147,6 +148,7 @@ def apply_gora(
     base = unwrap_model(model)
     refuse_adapter_layers(base)  # e.g. the base model of an earlier apply_gora: LoRA is inside it already
     check_state_fits(base, state)
+    check_head_fits(base, lora_config, state.head)
     gamma = state.gamma if gamma is None else float(gamma)
     if not math.isfinite(gamma) or gamma < 0:
         raise GoraStateError(f"gamma must be a finite number >= 0, got {gamma}.")
@@ -161,6 +163,7 @@ def apply_gora(
     try:
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
         _copy_adapter_weights(peft_model, weights, adapter_name)
+        copy_head_into(peft_model, lora_config, state.head, adapter_name)  # the warmed head, into PEFT's copy
     except BaseException:
         restore()  # put the user's model back as it was (PEFT's unload keeps modules_to_save copies)
         raise

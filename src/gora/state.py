@@ -70,6 +70,9 @@ class GoraState:
     """The initial step: ``relative_delta`` (‖ΔW₀‖_F/‖W₀‖_F over adapted layers), ``per_layer``, ``loss_w0`` and
     ``loss_after`` (held-out loss at W₀ and after initialisation; None without held-out batches), ``loss_se``,
     ``gamma``. Empty for states saved before these diagnostics existed."""
+    head: dict[str, Tensor] = field(default_factory=dict)
+    """The warmed head (``GoraConfig.head_warmup_steps``): parameter name (relative to the base model) → tensor,
+    in the parameter's dtype; ``apply_gora`` copies it into PEFT's trainable copy. Empty without warm-up."""
 
     # -- views ----------------------------------------------------------------------------
     @property
@@ -131,6 +134,7 @@ class GoraState:
             raise GoraStateError(f"the state's config or notes cannot be written as JSON ({error}).") from None
         tensors = {f"A::{n}": self.A[n].detach().float().cpu().contiguous() for n in self.adapted}
         tensors |= {f"C::{n}": self.C[n].detach().float().cpu().contiguous() for n in self.adapted}
+        tensors |= {f"H::{n}": t.detach().cpu().contiguous() for n, t in self.head.items()}
         with atomic_directory(directory) as tmp:
             save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": "gora", "version": str(FORMAT_VERSION)})
             meta["tensors_sha256"] = sha256_file(tmp / TENSOR_FILE)
@@ -185,6 +189,7 @@ class GoraState:
                 shapes=_str_dict(meta, "shapes", _shape),
                 A={k[3:]: v for k, v in tensors.items() if k.startswith("A::")},
                 C={k[3:]: v for k, v in tensors.items() if k.startswith("C::")},
+                head={k[3:]: v for k, v in tensors.items() if k.startswith("H::")},
                 skipped=_str_dict(meta, "skipped", _str, default={}),
                 reference_rank=_int(meta["reference_rank"], minimum=1),
                 lora_alpha=_float(meta["lora_alpha"], positive=True),
@@ -245,6 +250,9 @@ class GoraState:
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not math.isfinite(self.gamma) \
                 or self.gamma < 0:
             problems.append(f"gamma {self.gamma!r} is not a finite number >= 0")
+        for name, tensor in self.head.items():  # the warmed head
+            if not isinstance(tensor, Tensor) or not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                problems.append(f"head {name}: not a finite floating-point tensor")
         if problems:
             raise GoraStateError(f"inconsistent GoraState: {'; '.join(problems[:5])}. Re-run estimate_gora.")
 
