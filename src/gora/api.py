@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -27,6 +28,7 @@ from .estimation import (
 )
 from .diagnostics import init_stats, warn_if_negligible
 from .gamma_search import held_out_losses, search_gamma
+from .head_warmup import head_parameters, warmed_head
 from .importance import layer_importances
 from .initialization import draw_a, draw_omega, draw_pool, solve_c
 from .peft_bridge import apply_gora, check_not_wrapped
@@ -90,7 +92,29 @@ def estimate_gora(
         logger.warning("fp16 model: estimation scales the loss by %g (halved on overflow) and sums in fp32.",
                        config.fp16_loss_scale)
     acc_device = accumulation_device(targets, device, config)
+    if config.head_warmup_steps:
+        head_parameters(base, lora_config)  # refuse a model with no head to warm before any work
     iterator = iter(batches)  # before the draw threads start: a DataLoader forks its workers here
+    warm_batches = list(itertools.islice(iterator, min(config.head_warmup_steps, config.num_steps)))
+    iterator = itertools.chain(warm_batches, iterator)
+    warm = (warmed_head(model, lora_config, warm_batches, config, loss_fn) if config.head_warmup_steps
+            else nullcontext(None))
+    with warm as head:
+        state = _estimate(model, base, lora_config, targets, skipped, iterator, config, loss_fn, acc_device,
+                          eval_batches, (min_rank, max_rank))
+        if head is not None:
+            state.head, state.notes["head_warmup"] = head["tensors"], head["notes"]
+    logger.info("GoRA: %d layers, ranks %s, %d steps in %.1fs", len(state.adapted), _spread(state.ranks),
+                state.num_steps, state.estimation_seconds)
+    return state
+
+
+def _estimate(model: nn.Module, base: nn.Module, lora_config: LoraConfig, targets: list[TargetLayer],
+              skipped: dict[str, str], iterator: Iterator, config: GoraConfig, loss_fn: LossFn | None,
+              acc_device: torch.device, eval_batches: Iterable | None, rank_bounds: tuple[int, int]) -> GoraState:
+    """Estimation, allocation, initialisation, adaptive γ and the diagnostics, on the model as it is now."""
+    min_rank, max_rank = rank_bounds
+    device = model_device(base)
     with draw_pool(len(targets)) as pool:
         a_draws = {t.name: pool.submit(draw_a, config.seed, t.name, min(max_rank, t.in_features, t.out_features),
                                        t.in_features) for t in targets}
@@ -135,7 +159,6 @@ def estimate_gora(
         losses = held_out_losses(model, targets, a, c, shapes, state.gamma, held_out, loss_fn)
     state.init_stats = init_stats(targets, a, c, state.gamma, losses)
     warn_if_negligible(state.init_stats, config)
-    logger.info("GoRA: %d layers, ranks %s, %d steps in %.1fs", len(ranks), _spread(ranks), run.steps, run.seconds)
     return state
 
 

@@ -211,6 +211,22 @@ class GoraConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def paper(cls, **changes: Any) -> "GoraConfig":
+        """The paper's settings (GoRA, arXiv 2502.12171): N = 32 batches, γ = 5e-2 (a fixed step, no adaptive γ),
+        importance mean|W⊙Ḡ|, the cost of a rank unit √(in+out) (``features="sqrt"``, the paper's text), ranks in
+        [r/2, 4r] (``min_rank``/``max_rank`` None), the full gradient, no adaptive N, no head warm-up.
+
+        ``changes`` override single fields (``GoraConfig.paper(seed=42)``). Whatever later becomes GoraConfig's
+        default, this preset stays. Not a field: the allocation rounds as the library always does (the floor of the
+        rounded share, as the official scripts; the paper's text says round).
+        """
+        settings = {"num_steps": 32, "min_rank": None, "max_rank": None, "gamma": 5e-2, "importance": "mean_abs",
+                    "features": "sqrt", "estimator": "full", "adaptive_steps": False, "adaptive_gamma": False,
+                    "head_warmup_steps": 0}
+        refuse_unknown_fields(changes, GoraConfigTypeError)
+        return cls(**{**settings, **changes})
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GoraConfig":
         if not isinstance(data, dict):
             raise GoraConfigTypeError(f"GoraConfig.from_dict needs a dict, got {type(data).__name__}.")

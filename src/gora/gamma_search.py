@@ -221,4 +221,10 @@ def search_gamma(model: nn.Module, targets: list[TargetLayer], a: dict[str, Tens
                 len(scored) + 1, baseline, finite.get(best, float("nan")), best, chosen)
     notes = {"method": method, "baseline_loss": baseline, "scan": {str(g): v for g, v in scored.items()},
              "chosen": chosen}
+    if chosen > 0 and chosen >= max(grid):
+        notes["at_largest_candidate"] = True
+        if distributed.rank() == 0:
+            logger.warning("adaptive gamma chose its largest candidate, gamma=%g: the held-out loss may fall further "
+                           "with larger steps; pass a gamma_grid reaching higher (e.g. up to %g) to search there.",
+                           chosen, 10 * chosen)
     return chosen, notes, HeldOutLosses(chosen, per_batch[0.0], per_batch[chosen])

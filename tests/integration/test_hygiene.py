@@ -268,6 +268,28 @@ def test_interrupt_during_the_held_out_losses_of_the_diagnostics_leaves_the_mode
     snapshot.assert_unchanged()
 
 
+@pytest.mark.parametrize("call", [2, 6 + 2, 6 + STEPS + 1])  # in the warm-up, in estimation, in the held-out losses
+@pytest.mark.parametrize("exception", [KeyboardInterrupt(), RuntimeError("boom")])
+def test_interrupt_during_or_after_the_head_warm_up_puts_the_cold_head_back(prepared_bert, call, exception):
+    """The warm-up trains the head in place: whatever stops estimation, the head is the user's again (values,
+    flags, the classifier's train mode from the fixture), and no .grad of the warm-up's is left."""
+    prepared_bert.classifier.weight.grad = torch.full_like(prepared_bert.classifier.weight, 3.0)  # the user's
+    snapshot = ModelSnapshot(prepared_bert)
+    with pytest.raises(type(exception)):
+        estimate_gora(prepared_bert, LoraConfig(**LORA, task_type="SEQ_CLS"), make_bert_batches(STEPS),
+                      _config(head_warmup_steps=6, head_warmup_lr=0.1), loss_fn=_interrupt_at(call, exception),
+                      eval_batches=make_bert_batches(1, seed=9))
+    snapshot.assert_unchanged()
+
+
+def test_a_successful_head_warm_up_leaves_the_model_exactly_as_before(prepared_bert):
+    snapshot = ModelSnapshot(prepared_bert)
+    state = estimate_gora(prepared_bert, LoraConfig(**LORA, task_type="SEQ_CLS"), make_bert_batches(STEPS),
+                          _config(head_warmup_steps=6, head_warmup_lr=0.1))
+    assert not torch.equal(state.head["classifier.weight"], prepared_bert.classifier.weight)
+    snapshot.assert_unchanged()
+
+
 def test_gradient_checkpointing_is_switched_off_again_after_an_interrupt(prepared_bert):
     snapshot = ModelSnapshot(prepared_bert)
     with pytest.raises(KeyboardInterrupt):

@@ -165,3 +165,14 @@ def test_check_lora_config_refuses_what_gora_cannot_use(lora_config, error, mess
 
 def test_check_lora_config_accepts_a_usual_config():
     check_lora_config(LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"]))
+
+
+def test_the_paper_preset_holds_the_papers_settings():
+    paper = GoraConfig.paper()
+    assert (paper.num_steps, paper.gamma, paper.importance, paper.features) == (32, 5e-2, "mean_abs", "sqrt")
+    assert (paper.min_rank, paper.max_rank, paper.estimator) == (None, None, "full")
+    assert not paper.adaptive_steps and not paper.adaptive_gamma and paper.head_warmup_steps == 0
+    assert paper.rank_bounds(8) == (4, 32)
+    assert GoraConfig.paper(seed=42).seed == 42 and GoraConfig.paper(seed=42).features == "sqrt"
+    with pytest.raises(TypeError, match="num_step"):
+        GoraConfig.paper(num_step=8)
