@@ -140,7 +140,8 @@ def test_adaptive_gamma_scores_on_held_out_batches_and_records_its_choice():
     assert init_batch_count("loraga", cfg) == 2  # only GoRA holds batches out
     info = build_method("gora", _model(), cfg, _batches(n=2 + GAMMA_BATCHES)).info
     assert info["adaptive_gamma"] is True and info["num_steps"] == 2
-    assert info["gamma"] == 0.0 or info["gamma"] in GoraConfig().resolved_gamma_grid()
+    # the search refines between grid points (golden section), so gamma lies in the grid's range, not on it
+    assert 0.0 <= info["gamma"] <= max(GoraConfig().resolved_gamma_grid())
 
 
 def test_rank_range_options_reach_gora():

@@ -288,7 +288,7 @@ def train_and_evaluate(
     share = top_class_share(predicted)
     if share == 1.0:
         logger.warning("%s: every test prediction is class %d after %d steps (loss %.3f): the run has not learned "
-                       "beyond the majority class; train longer (more examples or epochs) or raise the lr.",
+                       "beyond the majority class; train longer (more steps, examples or epochs) or raise the lr.",
                        desc, predicted[0], stats["steps"], stats["final_loss"])
     curve = stats.get("curve")
     if curve:  # the last checkpoint is the last step: its validation pass is the final one
