@@ -24,6 +24,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 if str(TESTS_DIR) not in sys.path:  # the spawned ranks import the shared fixtures too
@@ -39,7 +40,8 @@ STEPS = 3  # per process
 CHUNK = 7  # elements per all-reduce call in the chunked run: every sum is split into many chunks, the last one short
 POOLER = "bert.pooler.dense"
 FAILURE_TIMEOUT = 20  # seconds a collective may wait in the failure scenarios: a rank left waiting fails fast
-ADAPTIVE = dict(num_steps=10, adaptive_steps=True, min_steps=2, convergence_threshold=0.3, show_progress=False)
+ADAPTIVE: dict[str, Any] = dict(num_steps=10, adaptive_steps=True, min_steps=2, convergence_threshold=0.3,
+                                show_progress=False)
 
 
 def _lora_config():
@@ -127,7 +129,9 @@ def _ddp_estimation(rank: int, workdir: Path) -> None:
     from gora.trainer import estimation_batches
 
     shard = _all_batches()[rank * STEPS:(rank + 1) * STEPS]
-    for name, extra in (("ddp", {}), ("ddp_sketch", {"estimator": "sketch", "importance": "frobenius"})):
+    variants: list[tuple[str, dict[str, Any]]] = [
+        ("ddp", {}), ("ddp_sketch", {"estimator": "sketch", "importance": "frobenius"})]
+    for name, extra in variants:
         config = GoraConfig(num_steps=STEPS, show_progress=False, **extra)
         with _diverge_on_rank_1(rank, workdir / name):  # only rank 0's broadcast can make rank 1 agree
             state = estimate_gora(_tiny_bert(), _lora_config(), shard, gora_config=config)
@@ -285,7 +289,7 @@ def _nan_on_one_rank(rank: int, workdir: Path) -> None:
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
         model = _tiny_bert().to(dtype)
         snapshot = ModelSnapshot(model)
-        calls = []
+        calls: list[int] = []
 
         def loss_fn(module, batch, calls=calls):  # this dtype's calls
             calls.append(len(calls))
@@ -326,14 +330,16 @@ def _fsdp_apply(rank: int, workdir: Path) -> None:
     save_file(weights, str(workdir / "fsdp" / f"rank{rank}.safetensors"))
 
     mesh = init_device_mesh("cpu", (WORLD,))  # gloo on CPU even where CUDA exists (the default mesh would be CUDA)
-    for layer in peft_model.base_model.model.bert.encoder.layer:
+    base: Any = peft_model.base_model.model  # BertForSequenceClassification
+    for layer in base.bert.encoder.layer:
         fully_shard(layer, mesh=mesh)
     fully_shard(peft_model, mesh=mesh)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()
     peft_model(**make_bert_batches(1, seed=10 + rank)[0]).loss.backward()  # a different batch per rank
     optimizer.step()
-    trained = {n: p.full_tensor().detach().contiguous() for n, p in peft_model.named_parameters() if "lora_" in n}
+    trained = {n: p.full_tensor().detach().contiguous()  # type: ignore[attr-defined]  # a DTensor once sharded
+               for n, p in peft_model.named_parameters() if "lora_" in n}
     save_file(trained, str(workdir / "fsdp" / f"trained{rank}.safetensors"))
 
 

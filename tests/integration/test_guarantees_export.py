@@ -89,7 +89,7 @@ def _expected(error: BaseException) -> tuple[type, str | None]:
     return type(error), None
 
 
-def _injected(raised: BaseException) -> BaseException:
+def _injected(raised: BaseException) -> BaseException | None:
     """The fault behind what export raised: the GoraStateError's cause, or the interrupt itself."""
     return raised.__cause__ if isinstance(raised, GoraStateError) else raised
 

@@ -5,6 +5,7 @@ StopIteration, AttributeError or ZeroDivisionError from deep inside."""
 import copy
 import logging
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ from gora.errors import (
 from conftest import _bert_config, make_bert_batches, tiny_gpt2
 from test_hygiene import ModelSnapshot
 
-LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"])
+LORA: dict[str, Any] = dict(r=4, lora_alpha=8, target_modules=["query", "value"])
 STEPS = 3
 
 

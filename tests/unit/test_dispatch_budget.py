@@ -29,7 +29,7 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _ops_per_step(model, batch, with_accumulator: bool, steps: int = 2) -> int:
+def _ops_per_step(model, batch, with_accumulator: bool, steps: int = 2) -> tuple[int, int]:
     """aten calls of the last of ``steps`` steps (the first step of the accumulator makes the sums)."""
     targets, _ = resolve_targets(model, LoraConfig(r=2, target_modules=TARGETS))
     for p in model.parameters():

@@ -89,7 +89,7 @@ def damaged_bytes(draw, original: bytes):
 def damage(draw, originals: dict[str, bytes]):
     """Damage to one or both files (or a deleted file)."""
     names = draw(st.sampled_from([(META_FILE,), (TENSOR_FILE,), FILES]))
-    replace = {}
+    replace: dict[str, bytes | None] = {}
     for name in names:
         if draw(st.integers(0, 9)) == 0:
             replace[name] = None

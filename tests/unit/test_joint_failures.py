@@ -20,7 +20,8 @@ class SimulatedWorld:
     """Two processes, where the other one (``failing``) reports a failure from its ``at_check``-th check on."""
 
     def __init__(self, failing: list[int], at_check: int) -> None:
-        self.failing, self.at_check, self.flags = failing, at_check, []
+        self.failing, self.at_check = failing, at_check
+        self.flags: list[bool] = []
 
     def __call__(self, flag: bool) -> list[int]:
         self.flags.append(flag)

@@ -46,8 +46,8 @@ def _fp16_two_layer_model() -> nn.Sequential:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
     with torch.no_grad():
-        model[0].weight.fill_(1e-3)
-        model[1].weight.fill_(1.0)
+        model[0].weight.fill_(1e-3)  # type: ignore[operator]  # nn.Sequential's items are modules
+        model[1].weight.fill_(1.0)  # type: ignore[operator]
     return model.half().eval()
 
 

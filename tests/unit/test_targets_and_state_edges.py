@@ -9,6 +9,7 @@
 
 import hashlib
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -67,8 +68,9 @@ def _square_loss(model, batch):
 
 
 TARGETS = ["block.proj", "proj", "stack.proj"]
-PROJ_LORA = dict(r=4, lora_alpha=8, target_modules=r"(proj|block\.proj|stack\.proj)")  # PEFT: re.fullmatch
-PROJ_GORA = dict(num_steps=2, min_rank=1, max_rank=16, show_progress=False)
+PROJ_LORA: dict[str, Any] = dict(r=4, lora_alpha=8,
+                                 target_modules=r"(proj|block\.proj|stack\.proj)")  # PEFT: re.fullmatch
+PROJ_GORA: dict[str, Any] = dict(num_steps=2, min_rank=1, max_rank=16, show_progress=False)
 
 
 def test_a_target_that_is_the_suffix_of_other_modules_gets_its_own_rank_and_other_proj_none():
