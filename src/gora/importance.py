@@ -1,4 +1,4 @@
-"""Layer importance scores (pure tensor functions) and their normalisation.
+"""Layer importance scores (pure tensor functions), normalised across layers.
 
 All take the weight W and the mean gradient Ḡ as (out, in) tensors and compute in fp32. The ``*_score``
 functions return 0-dim tensors on the gradient's device (no host sync); ``layer_importances`` reads the

@@ -1,4 +1,4 @@
-"""Which layers GoRA adapts, and how their weights are laid out.
+"""The layers GoRA adapts, found by PEFT's matching rules, each with its weight's orientation.
 
 Names are relative to the unwrapped base model (``model.layers.3.self_attn.q_proj``), the
 keys PEFT itself uses. Matching follows PEFT's rules, never substrings.
