@@ -1,6 +1,6 @@
 """Result records on disk: a JSON list per file, rewritten atomically after every finished run.
 
-Format: ``/work/shared/docs/benchmark-format.md`` (a list of records, or a dict with a ``records`` list). A record is
+Format: ``docs/benchmark-format.md`` (a list of records, or a dict with a ``records`` list). A record is
 identified by its cell key, so a resumed grid skips what is already on disk.
 """
 
