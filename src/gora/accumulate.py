@@ -15,10 +15,9 @@ Where the sums live:
 - sums in CPU memory of a bf16/fp16 gradient: :func:`~gora.host_add.host_add_`;
 - sketch path: two thin sums per layer instead of the gradient's, :func:`~gora.sketch.sketch_add_`.
 
-NaN/Inf are found without a device sync per hook: each step's probes are checked at once in :meth:`end_step`, or
-kept on the device until :meth:`first_failure` (:meth:`defer_step`). Inside the ``with`` block only target weights
-require grad; on exit every ``requires_grad`` flag, ``.grad``, module mode and hook is restored, also after an
-exception or ``KeyboardInterrupt``. The weights themselves are never written.
+NaN/Inf are found without a device sync per hook (:class:`~gora.finite_checks.FiniteChecks`). Inside the
+``with`` block only target weights require grad; on exit every ``requires_grad`` flag, ``.grad``, module mode and
+hook is restored, also after an exception or ``KeyboardInterrupt``. The weights themselves are never written.
 """
 
 from __future__ import annotations
@@ -31,16 +30,17 @@ import torch
 from torch import Tensor, nn
 
 from .checkpointing import GradientCheckpointing
+from .finite_checks import FiniteChecks, probe_flags
 from .host_add import HOST_ADD_CHUNK, host_add_
 from .offload import STAGING_BUFFERS, PinnedOffload
 from .sketch import SKETCH_BLOCK_ELEMENTS, SketchOperators, sketch_add_
 from .targets import TargetLayer
 
 __all__ = [
-    "BATCH_ADD_BYTES", "CPU_BATCH_ADD_BYTES", "GradientAccumulator", "LayerSums", "probe_flags",
+    "BATCH_ADD_BYTES", "CPU_BATCH_ADD_BYTES", "GradientAccumulator", "LayerSums",
     # defined in their own modules, importable from here as before
     "GradientCheckpointing", "HOST_ADD_CHUNK", "PinnedOffload", "SKETCH_BLOCK_ELEMENTS", "STAGING_BUFFERS",
-    "SketchOperators", "host_add_",
+    "SketchOperators", "host_add_", "probe_flags",
 ]
 
 BATCH_ADD_BYTES = 16 << 20
@@ -49,12 +49,6 @@ hook. There an add is host-bound (µs of Python and launch against a fraction of
 CPU_BATCH_ADD_BYTES = 64 << 10
 """The same for sums in CPU memory (64 KiB): there a held gradient leaves the cache before its add, which costs more
 than the host time saved, except for small gradients (tiny layers), which this budget still batches."""
-
-
-def probe_flags(probes: list[Tensor]) -> Tensor:
-    """A bool per probe: has it no NaN/Inf? One multi-tensor L1 norm over all of them (a few kernels in all, not
-    one per tensor); NaN and Inf reach the norm from any entry."""
-    return torch.isfinite(torch.stack(torch._foreach_norm(probes, 1)))
 
 
 @dataclass
@@ -97,9 +91,7 @@ class GradientAccumulator:
         self.check_each_hook = False  # fp16: decide per hook whether a gradient is usable
         self._skip: set[str] = set()  # layers already added in the step being redone
         self._added: set[str] = set()
-        self._probes: list[tuple[str, Tensor]] = []  # (layer, a device tensor that has a NaN/Inf iff its gradient had)
-        self._nonfinite: list[str] = []
-        self._deferred: list[tuple[int, list[str], Tensor, Any]] = []  # (step, layers, flags, payload)
+        self._checks = FiniteChecks()
         self._handles: list = []
         self._saved_flags: list[tuple[nn.Parameter, bool]] = []
         self._saved_grads: list[tuple[nn.Parameter, Tensor | None]] = []
@@ -172,28 +164,14 @@ class GradientAccumulator:
         if not redo:
             self._added = set()
             self._step += 1
-        self._probes = []
-        self._nonfinite = []
-
-    def _step_flags(self, extra_flags: list[Tensor]) -> Tensor:
-        """One bool vector on the device: every probed layer's "finite?", then ``extra_flags``.
-
-        See :func:`probe_flags`. The running sums are probed in place of the gradients: a sum holds a NaN/Inf from
-        the first step whose gradient had one, so the first failing step and its layers are named as exactly.
-        """
-        self._flush()  # backward is over: the held gradients go into the sums before they are probed
-        parts = [probe_flags([probe for _, probe in self._probes])] if self._probes else []
-        if extra_flags:
-            parts.append(torch.stack([flag.reshape(()) for flag in extra_flags]))
-        return torch.cat(parts) if parts else torch.ones(0, dtype=torch.bool)
+        self._checks.begin_step()
 
     def end_step(self, extra_flags: list[Tensor] | None = None) -> tuple[list[str], list[bool]]:
         """(layers whose gradient was NaN/Inf in this step, the values of ``extra_flags``): one device sync at most."""
-        values = self._step_flags(list(extra_flags or [])).tolist()
-        layer_values, extra_values = values[:len(self._probes)], values[len(self._probes):]
-        self._nonfinite += [name for (name, _), ok in zip(self._probes, layer_values) if not ok]
+        self._flush()  # backward is over: the held gradients go into the sums before they are probed
+        result = self._checks.end_step(list(extra_flags or []))
         self._clear_grads()
-        return sorted(set(self._nonfinite)), [bool(v) for v in extra_values]
+        return result
 
     def defer_step(self, step: int, extra_flags: list[Tensor], payload: Any = None) -> None:
         """End a step without a device sync: its finite flags stay on the device until :meth:`first_failure`.
@@ -202,30 +180,18 @@ class GradientAccumulator:
         queue (about a fifth of a MiniLM step on an H100). A non-finite gradient poisons only sums that are
         never used, because :meth:`first_failure` runs before any sum is read.
         """
-        names = [name for name, _ in self._probes]
-        self._deferred.append((step, names, self._step_flags(list(extra_flags)), payload))
+        self._flush()  # backward is over: the held gradients go into the sums before they are probed
+        self._checks.defer_step(step, list(extra_flags), payload)
         self._clear_grads()
+
+    def first_failure(self) -> tuple[int, list[str], list[bool], Any] | None:
+        """See :meth:`FiniteChecks.first_failure`: the first deferred step with a NaN/Inf, read with one sync."""
+        return self._checks.first_failure()
 
     def _clear_grads(self) -> None:
         """No ``.grad`` left behind by a step (hooks drop theirs; this catches any that did not run)."""
         for weight in self._weights:
             weight.grad = None
-
-    def first_failure(self) -> tuple[int, list[str], list[bool], Any] | None:
-        """(step, non-finite layers, extra flag values, payload) of the first deferred step with a NaN/Inf, or
-        None; all deferred flags are read with one device sync and then forgotten."""
-        if not self._deferred:
-            return None
-        values = torch.cat([flags.reshape(-1) for _, _, flags, _ in self._deferred]).tolist()
-        deferred, self._deferred, offset = self._deferred, [], 0
-        for step, names, flags, payload in deferred:
-            step_values = values[offset : offset + flags.numel()]
-            offset += flags.numel()
-            if not all(step_values):
-                layer_values, extra_values = step_values[: len(names)], step_values[len(names) :]
-                bad = sorted({name for name, ok in zip(names, layer_values) if not ok})
-                return step, bad, [bool(v) for v in extra_values], payload
-        return None
 
     # -- the hook ---------------------------------------------------------------------------
     def _make_hook(self, target: TargetLayer):
@@ -240,18 +206,18 @@ class GradientAccumulator:
                 grad = grad.t()  # Conv1D stores (in, out); sums are (out, in)
             if self.check_each_hook:  # fp16: never add an overflowed gradient
                 if not bool(torch.isfinite(grad).all()):
-                    self._nonfinite.append(name)
+                    self._checks.nonfinite.append(name)
                     return
             probe = self._accumulate(sums, target, grad)
             if not self.check_each_hook:  # read in end_step / first_failure, with the step's other probes
-                self._probes.append((name, probe))
+                self._checks.add_probe(name, probe)
             self._added.add(name)
 
         return hook
 
     def _accumulate(self, sums: LayerSums, target: TargetLayer, grad: Tensor) -> Tensor:
         """Add one gradient into the layer's sums; returns what to probe for NaN/Inf: the running sum where it is on the
-        device (no kernel here; :meth:`_step_flags` checks all probes at once), the gradient's sum when offloaded."""
+        device (no kernel here; :class:`FiniteChecks` checks all probes at once), the gradient's sum when offloaded."""
         if sums.last_step != self._step:  # a layer used twice in a step (shared block, two backward calls) adds
             sums.count, sums.last_step = sums.count + 1, self._step  # both gradients but counts one step
         if self.sketch is not None:
