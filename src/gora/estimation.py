@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import distributed
 from .accumulate import GradientAccumulator, GradientCheckpointing, LayerSums, SketchOperators
 from .config import GoraConfig
 from .errors import GoraConfigError, GoraDataError, GoraNumericalError
 from .importance import layer_importances, score_consuming_, sketch_norm
+from .progress import progress
 from .targets import TargetLayer, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -329,8 +329,8 @@ def run_estimation(
     check_every = 1 if fp16 else _check_every(device)
     notes: dict[str, Any] = {"accumulation_device": acc_device.type}
     previous: dict[str, float] = {}
-    bar = (tqdm(total=config.num_steps, desc="GoRA gradient estimation", unit="step")
-           if config.show_progress and distributed.rank() == 0 else _NoBar())
+    bar = progress(total=config.num_steps, desc="GoRA gradient estimation", unit="step",
+                   enabled=config.show_progress and distributed.rank() == 0)
     checkpointing = GradientCheckpointing(unwrap_model(model)) if config.gradient_checkpointing else nullcontext()
     with GradientAccumulator(model, targets, acc_device, sketch, config.train_mode) as accumulator, \
             checkpointing, torch.enable_grad(), bar:
@@ -380,12 +380,4 @@ def run_estimation(
 
 
 _END = object()
-
-
-class _NoBar(nullcontext):
-    """A progress bar that draws nothing. ``tqdm(disable=True)`` is not one: creating it starts tqdm's monitor
-    thread all the same."""
-
-    def update(self, n: int = 1) -> None:
-        pass
 

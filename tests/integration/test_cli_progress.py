@@ -97,3 +97,16 @@ def test_gguf_loading_without_progress_creates_no_tqdm(monkeypatch, bars):
     assert seen == ["a", "b"] and bars == []
     decoder.load_smollm2(progress=True)
     assert ("Converting and de-quantizing GGUF tensors...", True) in bars  # the switch is what hid it
+
+
+def test_a_switched_off_bar_is_no_tqdm_at_all(bars):
+    from gora.progress import progress
+
+    items = range(3)
+    assert progress(items, enabled=False, desc="loop") is items
+    with progress(total=3, enabled=False, desc="grid") as bar:
+        bar.update(1)
+        bar.set_postfix_str("cell")
+    assert bars == []
+    list(progress(items, enabled=True, desc="loop", disable=False))
+    assert ("loop", True) in bars

@@ -54,12 +54,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from gora.bench.records import Record, append_record, cell_key, load_records
 from gora.bench.train import optimise, peak_memory_bytes, reset_peak_memory, shuffled_batches
 from gora.errors import GoraConfigError
 from gora.estimation import resolve_device
+from gora.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -376,7 +376,7 @@ def generate_answers(model: torch.nn.Module, tokenizer, items: Sequence[GsmItem]
     outputs: list[tuple[str, int]] = [("", 0)] * len(items)
     model.eval()
     chunks = [order[s : s + cfg.eval_batch_size] for s in range(0, len(order), cfg.eval_batch_size)]
-    for chunk in tqdm(chunks, desc=desc, leave=False, disable=not cfg.progress, unit="batch"):
+    for chunk in progress(chunks, desc=desc, leave=False, enabled=cfg.progress, unit="batch"):
         batch = collate_prompts([prompts[i] for i in chunk], tokenizer.pad_token_id, device)
         generated = model.generate(**batch, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                    eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)

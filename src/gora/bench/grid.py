@@ -19,8 +19,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from tqdm.auto import tqdm
-
 from gora.bench.builders import MethodConfig
 from gora.bench.gora_method import gora_config_for
 from gora.bench.methods import METHODS
@@ -29,6 +27,7 @@ from gora.bench.runner import CellRunner, DataConfig, did_you_mean
 from gora.bench.train import TrainConfig
 from gora.errors import GoraConfigError, GoraDataError, GoraError
 from gora.estimation import check_device
+from gora.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +281,7 @@ def run_grid(
     grid = Grid(out, runner, lr_grid)  # reads what is done: a damaged results file is refused here
     check_settings(out, settings)
     plan = [(t, m, r) for t in tasks for r in ranks for m in methods if not (m == "full" and r != ranks[0])]
-    with tqdm(total=len(plan) * len(seeds), desc="grid", unit="cell", disable=not train_config.progress) as bar:
+    with progress(total=len(plan) * len(seeds), desc="grid", unit="cell", enabled=train_config.progress) as bar:
         grid.bar = bar
         for task, method, r in plan:
             rank = None if method == "full" else r

@@ -38,8 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from tqdm.auto import tqdm
-
 from gora.bench.builders import MethodConfig
 from gora.bench.gora_method import has_gora_field
 from gora.bench.grid import (
@@ -57,6 +55,7 @@ from gora.bench.records import Record, cell_key, load_records, save_records
 from gora.bench.runner import CellRunner, DataConfig
 from gora.bench.train import TrainConfig
 from gora.errors import GoraConfigError
+from gora.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -381,8 +380,8 @@ def run_arm_grid(
     grid = ArmGrid(out, runner, lr_grid, selection_seeds, max_extensions, worker)
     check_settings(out, settings)
     units = [(t, a) for t in tasks for a in dict.fromkeys(arms)][worker[0]::worker[1]]
-    with tqdm(total=len(units) * len(seeds), desc=f"grid {worker[0]}/{worker[1]}", unit="run",
-              disable=not train_config.progress) as bar:
+    with progress(total=len(units) * len(seeds), desc=f"grid {worker[0]}/{worker[1]}", unit="run",
+                  enabled=train_config.progress) as bar:
         grid.bar = bar
         for task, arm in units:
             rank = None if ARMS[arm].method == "full" else r

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from gora.bench.builders import Batch, BuiltMethod
 from gora.errors import GoraConfigError
 from gora.estimation import resolve_device
+from gora.progress import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def optimise(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: 
     checkpoints = set(checkpoints)
     model.train()
     start = time.perf_counter()
-    for step in tqdm(range(1, steps + 1), desc=desc, leave=False, disable=not progress, unit="step"):
+    for step in progress_bar(range(1, steps + 1), desc=desc, leave=False, enabled=progress, unit="step"):
         with autocast() if autocast is not None else nullcontext():
             loss = model(**next(batches)).loss
         loss.backward()
