@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -34,7 +35,7 @@ def has_gora_field(name: str) -> bool:
 
 def gora_config_for(cfg: MethodConfig) -> GoraConfig:
     """The :class:`GoraConfig` a GoRA method runs with (raises ``GoraConfigError`` on invalid GoRA settings)."""
-    extra = {}
+    extra: dict[str, Any] = {}
     if cfg.gora_head_warmup_steps:
         if not has_gora_field("head_warmup_steps"):
             raise GoraConfigError("This version of gora has no GoraConfig.head_warmup_steps; drop the head-warm-up "
@@ -42,9 +43,9 @@ def gora_config_for(cfg: MethodConfig) -> GoraConfig:
         extra["head_warmup_steps"] = cfg.gora_head_warmup_steps
     return GoraConfig(
         num_steps=cfg.init_steps, min_rank=cfg.gora_min_rank, max_rank=cfg.gora_max_rank,
-        gamma=cfg.gora_gamma, importance=cfg.gora_importance, estimator=cfg.gora_estimator, seed=cfg.seed,
-        adaptive_gamma=cfg.gora_adaptive_gamma, gamma_batches=GAMMA_BATCHES, show_progress=cfg.show_progress,
-        **extra,
+        gamma=cfg.gora_gamma, importance=cfg.gora_importance, estimator=cfg.gora_estimator,  # type: ignore[arg-type]
+        seed=cfg.seed, adaptive_gamma=cfg.gora_adaptive_gamma, gamma_batches=GAMMA_BATCHES,
+        show_progress=cfg.show_progress, **extra,
     )
 
 
@@ -59,7 +60,7 @@ def gora_peft_model(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch
     used, held_out = list(batches[: cfg.init_steps]), list(batches[cfg.init_steps :])
     config = lora_config(cfg)
     start = time.perf_counter()
-    extra = {"eval_batches": held_out} if cfg.gora_adaptive_gamma or cfg.gora_eval_batches else {}
+    extra: dict[str, Any] = {"eval_batches": held_out} if cfg.gora_adaptive_gamma or cfg.gora_eval_batches else {}
     state = estimate_gora(model, config, used, gora_config=gora_config, **extra)
     peft_model = apply_gora(model, config, state)
     init_seconds = time.perf_counter() - start
