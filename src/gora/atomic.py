@@ -119,13 +119,14 @@ def _scratch_name(final: Path, kind: str) -> str:
 def _leftovers(final: Path) -> list[tuple[Path, str, bool]]:
     """``(directory, kind, writer alive)`` for the scratch directories of saves to ``final`` (names matched exactly:
     another target's scratch directories, such as those of ``NAME.tmp-1``, are never taken for these)."""
-    if not final.parent.is_dir():
-        return []
     found = []
-    for entry in final.parent.iterdir():
-        match = _SCRATCH.fullmatch(entry.name)
-        if match and match["name"] == final.name and entry.is_dir() and not entry.is_symlink():
-            found.append((entry, match["kind"], match["pid"] is not None and _process_alive(int(match["pid"]))))
+    try:
+        for entry in final.parent.iterdir():
+            match = _SCRATCH.fullmatch(entry.name)
+            if match and match["name"] == final.name and entry.is_dir() and not entry.is_symlink():
+                found.append((entry, match["kind"], match["pid"] is not None and _process_alive(int(match["pid"]))))
+    except OSError:  # a parent that is missing or may not be listed: nothing to clean there
+        return []
     return sorted(found)
 
 

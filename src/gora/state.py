@@ -28,7 +28,7 @@ from .atomic import (
     sha256_bytes,
     sha256_file,
 )
-from .errors import GoraStateError
+from .errors import GoraStateError, GoraTypeError
 
 FORMAT_VERSION = 1
 
@@ -179,8 +179,14 @@ class GoraState:
             GoraStateError: the directory is missing, a file is missing, truncated or corrupted (size or
                 SHA-256 mismatch), or the content is malformed or inconsistent. Nothing else.
         """
+        if not isinstance(directory, (str, os.PathLike)):
+            raise GoraTypeError(f"GoraState.load needs the path of a saved state, got {type(directory).__name__}.")
         path = Path(directory)
-        meta = _read_metadata(path)
+        try:
+            meta = _read_metadata(path)
+        except OSError as error:  # e.g. a directory that may not be listed: no stray PermissionError
+            raise GoraStateError(f"cannot read {path} ({error.strerror or error}); check the path and its "
+                                 "permissions.") from None
         tensors = _read_tensors(path / TENSOR_FILE, meta)
         try:
             state = cls(

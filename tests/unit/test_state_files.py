@@ -419,3 +419,23 @@ def test_a_peft_adapter_directory_is_not_taken_for_a_state(tmp_path):
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 8}))
     with pytest.raises(GoraStateError, match="not a GoRA state directory"):
         GoraState.load(tmp_path / "adapter")
+
+
+def test_load_of_something_that_is_not_a_path_is_a_type_error_of_the_gora_family():
+    from gora.errors import GoraTypeError
+
+    for wrong in (None, 123, make_state()):
+        with pytest.raises(GoraTypeError, match="needs the path of a saved state"):
+            GoraState.load(wrong)
+
+
+def test_a_path_that_cannot_be_examined_is_a_gora_state_error(tmp_path, monkeypatch):
+    make_state().save(tmp_path / "state")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "is_dir", refuse)
+    monkeypatch.setattr(pathlib.Path, "iterdir", refuse)
+    with pytest.raises(GoraStateError, match=r"cannot read \S*state \(Permission denied\)"):
+        GoraState.load(tmp_path / "state")
