@@ -41,7 +41,9 @@ class MethodConfig:
     target_modules: tuple[str, ...] = ("query", "key", "value", "dense")
     """PEFT target modules (dotted suffixes); MiniLM's attention and feed-forward linears."""
     modules_to_save: tuple[str, ...] = ("classifier",)
-    """Trained in full by every adapter method: the classification head."""
+    """Trained in full by every adapter method: the classification head (empty for causal-LM tasks: no new head)."""
+    task_type: str = "SEQ_CLS"
+    """PEFT task type: ``"SEQ_CLS"`` (a classifier with a new head) or ``"CAUSAL_LM"`` (the pretrained LM head)."""
     lora_dropout: float = 0.0
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -85,6 +87,8 @@ class MethodConfig:
                                   f"got {self.init_steps}, {self.eva_steps}.")
         if self.head_lr is not None and not self.head_lr > 0:
             raise GoraConfigError(f"head_lr must be > 0 or None (--head-lr), got {self.head_lr}.")
+        if self.task_type not in ("SEQ_CLS", "CAUSAL_LM"):
+            raise GoraConfigError(f"task_type must be 'SEQ_CLS' or 'CAUSAL_LM', got {self.task_type!r}.")
         if self.gora_head_warmup_steps < 0:
             raise GoraConfigError(f"gora_head_warmup_steps must be >= 0, got {self.gora_head_warmup_steps}.")
 
@@ -149,13 +153,13 @@ def loraplus_adamw(model: nn.Module, cfg: MethodConfig) -> torch.optim.Optimizer
 
 
 def lora_config(cfg: MethodConfig, **overrides: Any):
-    """The shared ``LoraConfig`` (sequence classification, head in ``modules_to_save``)."""
+    """The shared ``LoraConfig`` (``cfg.task_type``; a new head, if any, in ``modules_to_save``)."""
     from peft import LoraConfig
 
     return LoraConfig(
         r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules), modules_to_save=list(cfg.modules_to_save),
-        task_type="SEQ_CLS", **overrides,
+        target_modules=list(cfg.target_modules), modules_to_save=list(cfg.modules_to_save) or None,
+        task_type=cfg.task_type, **overrides,
     )
 
 
@@ -278,7 +282,8 @@ def build_adalora(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch])
     total = cfg.total_steps
     config = AdaLoraConfig(
         init_r=cfg.r, target_r=max(1, cfg.r // 2), lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules), modules_to_save=list(cfg.modules_to_save), task_type="SEQ_CLS",
+        target_modules=list(cfg.target_modules), modules_to_save=list(cfg.modules_to_save) or None,
+        task_type=cfg.task_type,
         total_step=total, tinit=total // 10, tfinal=total // 5, deltaT=max(1, total // 100),
     )
     peft_model = get_peft_model(model, config)

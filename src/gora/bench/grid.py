@@ -194,7 +194,7 @@ def grid_settings(train_config: TrainConfig, method_config: MethodConfig, data_c
 
 
 LATER_FIELDS = {"train.steps": None, "train.curve": False, "method.head_lr": None, "method.gora_eval_batches": False,
-                "method.gora_head_warmup_steps": 0}
+                "method.gora_head_warmup_steps": 0, "method.task_type": "SEQ_CLS"}
 """Settings added with protocol 2, left out of a folder's settings while at these defaults: a protocol-1 folder
 written before they existed still resumes."""
 
