@@ -80,6 +80,7 @@ def _count_block_forwards(model: nn.Module) -> tuple[list[int], object]:
 
 
 # -- gradient checkpointing ---------------------------------------------------------------------
+@pytest.mark.slow  # recomputes every block of a Llama
 def test_gradient_checkpointing_gives_same_mean_gradient_and_restores_llama():
     model = tiny_llama()
     batches = make_lm_batches(3)

@@ -98,6 +98,7 @@ def damage(draw, originals: dict[str, bytes]):
     return replace
 
 
+@pytest.mark.slow  # FUZZ: 120 examples
 @FUZZ
 @given(data=st.data())
 def test_damaged_state_files_load_unmodified_or_raise_gora_state_error(template, data):
@@ -171,6 +172,7 @@ def test_hand_edited_json_values_that_break_naive_parsing_are_refused(template, 
     assert isinstance(_load_with_meta(template_dir, meta), GoraStateError)
 
 
+@pytest.mark.slow  # FUZZ: 120 examples
 @FUZZ
 @given(data=st.data())
 def test_hand_edited_json_with_valid_checksum_never_raises_a_stray_exception(template, data):
@@ -196,6 +198,7 @@ tensor_specs = st.dictionaries(
 )
 
 
+@pytest.mark.slow  # FUZZ: 120 examples
 @FUZZ
 @given(specs=tensor_specs)
 def test_random_tensor_files_with_valid_checksums_load_consistently_or_raise_gora_state_error(template, specs):

@@ -211,6 +211,7 @@ def _killed_save(target: pathlib.Path, where: str) -> None:
     assert done.returncode == -signal.SIGKILL, done.stderr
 
 
+@pytest.mark.slow  # a Python process per case, killed mid-save
 @pytest.mark.parametrize("where", KILL_AT.values(), ids=KILL_AT.keys())
 def test_leftovers_of_a_killed_save_are_cleaned_by_the_next_load(tmp_path, where):
     previous = make_state(seed=0)
@@ -230,6 +231,7 @@ def test_leftovers_of_a_killed_save_are_cleaned_by_the_next_load(tmp_path, where
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # a Python process per case, killed mid-save
 @pytest.mark.parametrize("where", KILL_AT.values(), ids=KILL_AT.keys())
 def test_leftovers_of_a_killed_save_are_cleaned_by_the_next_save(tmp_path, where):
     make_state(seed=0).save(tmp_path / "state")
@@ -241,6 +243,7 @@ def test_leftovers_of_a_killed_save_are_cleaned_by_the_next_save(tmp_path, where
     assert_same_state(GoraState.load(tmp_path / "state"), newer)
 
 
+@pytest.mark.slow  # a Python process, killed mid-save
 def test_an_unfinished_first_save_is_not_taken_for_a_state_or_a_backup(tmp_path):
     _killed_save(tmp_path / "state", KILL_AT["while writing"])
     (tmp_path / "state.tmp-1").mkdir()  # another target whose name looks like a scratch directory: not ours
