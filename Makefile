@@ -16,8 +16,10 @@ test: setup
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 # A contributor's loop (CONTRIBUTING.md), on an installed checkout: no set-up step
+# One torch thread: on tiny models more threads only spin (10x the CPU time on a busy 2-core machine)
 test-fast:  # the library's unit tests, without the harness's (test_bench_*) and the ones marked slow
-	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not slow" --ignore-glob='tests/unit/test_bench_*' tests/unit
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -p no:cacheprovider -m "not slow" --ignore-glob='tests/unit/test_bench_*' \
+		tests/unit
 
 lint:  # ruff and mypy, configured in pyproject.toml (pip install -r requirements-ci.txt installs both)
 	$(PYTHON) -m ruff check src tests
