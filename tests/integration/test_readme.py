@@ -63,12 +63,21 @@ def test_the_quick_start_runs_as_pasted_and_its_adapter_loads_in_vanilla_peft(tm
         torch.testing.assert_close(namespace["peft_model"].eval()(**probe).logits, expected)
 
 
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens (code blocks skipped)."""
+    prose = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    headings = re.findall(r"^#+ (.+)$", prose, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def test_every_relative_link_of_the_readme_points_into_the_repository():
     text = README.read_text()
-    targets = [t.split("#", 1)[0] for t in re.findall(r"\]\(([^)]+)\)", text) if "://" not in t]
-    assert targets, "the README links its docs, examples and results"
-    missing = [t for t in targets if t and not (ROOT / t).exists()]
+    links = [t for t in re.findall(r"\]\(([^)]+)\)", text) if "://" not in t]
+    assert links, "the README links its docs, examples and results"
+    missing = [t for t in links if not (ROOT / t.split("#", 1)[0]).exists()]
     assert not missing, f"README links to files that do not exist: {missing}"
+    broken = [t for t in links if "#" in t and t.split("#", 1)[1] not in _anchors((ROOT / t.split("#")[0]).read_text())]
+    assert not broken, f"README links to headings that do not exist: {broken}"
 
 
 @pytest.mark.parametrize("command", ["make demo", "make test"])
