@@ -84,3 +84,15 @@ def test_every_relative_link_of_the_readme_points_into_the_repository():
 def test_the_two_set_up_commands_stay_in_the_readme_and_the_makefile(command):
     assert f"\n{command}    # installs the pinned dependencies" in README.read_text()
     assert f"\n{command.split()[1]}: setup" in (ROOT / "Makefile").read_text()
+
+
+def test_the_architecture_section_lists_every_module_of_the_package_and_no_other():
+    text = README.read_text()
+    section = text.split("\n## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    tree = re.search(r"```\nsrc/gora/\n(.*?)```", section, flags=re.S)
+    assert tree, "the Architecture section draws src/gora/ as a tree"
+    listed = set(re.findall(r"^  (\w+\.py|\w+/) ", tree.group(1), flags=re.M))
+    package = ROOT / "src" / "gora"
+    present = {p.name for p in package.glob("*.py") if p.name != "__main__.py"}
+    present |= {f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").is_file()}
+    assert listed == present, f"missing from the README: {present - listed}; gone from the tree: {listed - present}"
