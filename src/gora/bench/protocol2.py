@@ -51,6 +51,7 @@ from gora.bench.grid import (
     check_settings,
     grid_settings,
 )
+from gora.bench.lm_tasks import LMConfig, LMRunner, check_lm_arms, is_lm_task
 from gora.bench.records import Record, cell_key, load_records, save_records
 from gora.bench.runner import CellRunner, DataConfig
 from gora.bench.train import TrainConfig
@@ -138,14 +139,35 @@ def _loss(record: Record) -> float:
 
 
 class ArmRunner(CellRunner):
-    """:class:`CellRunner` for arms: the arm's method settings, a learning curve, the protocol-2 record fields."""
+    """:class:`CellRunner` for arms: the arm's method settings, a learning curve, the protocol-2 record fields.
+
+    The task's kind picks who runs it: classifier tasks run here (MiniLM, a new head at ``head_lr``); causal-LM
+    tasks (:data:`gora.bench.lm_tasks.LM_TASKS`) run in ``lm_runner`` (SmolLM2, the pretrained LM head, no head lr).
+    """
+
+    def __init__(self, train_config: TrainConfig, method_config: MethodConfig, data_config: DataConfig,
+                 model_path: str | None = None, alpha_per_rank: float = 2.0, *, lm_config: LMConfig | None = None,
+                 selection_seeds: Sequence[int] = (), lm_runner: LMRunner | None = None) -> None:
+        super().__init__(train_config, method_config, data_config, model_path, alpha_per_rank)
+        self.lm_runner = lm_runner or LMRunner(train_config, method_config, data_config, lm_config or LMConfig(),
+                                               alpha_per_rank, selection_seeds)
+
+    def check(self, tasks: Sequence[str]) -> None:
+        lm = [t for t in tasks if is_lm_task(t) and t not in self.data_config.user_tasks]
+        classifier = [t for t in tasks if t not in lm]
+        if classifier:
+            super().check(classifier)
+        if lm:
+            self.lm_runner.check(lm)
 
     def run(self, arm: str, task: str, seed: int, r: int | None, lr: float) -> Record:  # type: ignore[override]
         spec = ARMS[arm]
-        record = super().run(spec.method, task, seed, r, lr, **spec.method_overrides(r))
+        lm = is_lm_task(task) and task not in self.data_config.user_tasks
+        runner = self.lm_runner.run if lm else super().run
+        record = runner(spec.method, task, seed, r, lr, **spec.method_overrides(r))
         for name in ("init_relative_delta", "init_loss_w0", "init_loss_after"):
             record.setdefault(name, None)
-        record.update(protocol=PROTOCOL, arm=arm, head_lr=self.method_config.head_lr)
+        record.update(protocol=PROTOCOL, arm=arm, head_lr=None if lm else self.method_config.head_lr)
         return record
 
 
@@ -347,6 +369,7 @@ def run_arm_grid(
     alpha_per_rank: float = 2.0,
     worker: tuple[int, int] = (0, 1),
     runner: ArmRunnerProtocol | None = None,
+    lm_config: LMConfig | None = None,
 ) -> list[Record]:
     """Run this worker's share of the protocol-2 grid (arms x tasks, lr selection then test seeds); return every
     record merged into ``out_dir/results.json`` so far.
@@ -356,7 +379,10 @@ def run_arm_grid(
         r: reference rank (``lora_alpha = alpha_per_rank * r``); ``full`` runs with r None.
         lr_grid: per-arm (or per-method) learning rates overriding :data:`LR_GRID`; one value skips the search.
         worker: (index, count) of this process among ``count`` workers sharing ``out_dir``.
-        runner: what runs one arm (default :class:`ArmRunner` on MiniLM); tests pass a stub.
+        runner: what runs one arm (default :class:`ArmRunner`: MiniLM for classifier tasks, SmolLM2 for the
+            causal-LM tasks of :mod:`gora.bench.lm_tasks`); tests pass a stub.
+        lm_config: settings of the causal-LM tasks (length, exact-match subset); stored with the grid's settings
+            when ``tasks`` has such a task.
 
     Raises:
         GoraConfigError: an unknown arm or task, overlapping or too few seeds, any setting the grid cannot run
@@ -367,13 +393,18 @@ def run_arm_grid(
     data_config = data_config or DataConfig()
     out = Path(out_dir)
     check_arms(arms, seeds, selection_seeds, r, lr_grid, max_extensions, worker)
+    check_lm_arms(arms, [t for t in tasks if t not in data_config.user_tasks], HEAD_WARMUP_ARMS)
+    lm_config = lm_config or LMConfig()
     methods = list(dict.fromkeys(ARMS[a].method for a in arms))
     check_grid(methods, tasks, seeds, [r], None, train_config, method_config, data_config, alpha_per_rank)
     check_out_dir(out)
     settings = {**grid_settings(train_config, method_config, data_config, alpha_per_rank), "protocol": PROTOCOL,
                 "r": r, "selection_seeds": sorted(selection_seeds), "max_extensions": max_extensions}
+    if any(is_lm_task(t) and t not in data_config.user_tasks for t in tasks):
+        settings.update(lm_config.settings())
     check_settings(out, settings, write=False)
-    runner = runner or ArmRunner(train_config, method_config, data_config, model_path, alpha_per_rank)
+    runner = runner or ArmRunner(train_config, method_config, data_config, model_path, alpha_per_rank,
+                                 lm_config=lm_config, selection_seeds=selection_seeds)
     check = getattr(runner, "check", None)
     if callable(check):
         check(tasks)

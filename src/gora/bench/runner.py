@@ -15,6 +15,7 @@ import torch
 
 from gora.bench.assets import default_model_path, load_classifier, load_tokenizer
 from gora.bench.builders import MethodConfig
+from gora.bench.lm_tasks import LM_TASKS
 from gora.bench.methods import build_method, init_batch_count
 from gora.bench.records import Record
 from gora.bench.tasks import BUILTIN_TASKS, TaskData, check_task_source, load_task
@@ -78,7 +79,7 @@ class DataConfig:
                 raise GoraConfigError(f"User task {name!r} needs (train file, test file), got {files!r}.")
 
     def known_tasks(self) -> list[str]:
-        return [*BUILTIN_TASKS, *(t for t in self.user_tasks if t not in BUILTIN_TASKS)]
+        return [*BUILTIN_TASKS, *LM_TASKS, *(t for t in self.user_tasks if t not in BUILTIN_TASKS)]
 
     def check(self, names: Sequence[str]) -> None:
         """Refuse unknown task names and user tasks whose files are missing; loads nothing.
@@ -90,12 +91,14 @@ class DataConfig:
         if isinstance(names, str) or not names:
             raise GoraConfigError(f"Need a list of one or more tasks (--tasks), got {names!r}; "
                                   f"known tasks: {', '.join(self.known_tasks())}.")
-        unknown = [n for n in dict.fromkeys(names) if n not in self.user_tasks and n not in BUILTIN_TASKS]
+        unknown = [n for n in dict.fromkeys(names)
+                   if n not in self.user_tasks and n not in BUILTIN_TASKS and n not in LM_TASKS]
         if unknown:
             user = ", ".join(self.user_tasks) or "none declared"
             raise GoraConfigError(
                 f"Unknown task(s) {unknown}{did_you_mean(unknown, self.known_tasks())}; "
-                f"built-in tasks: {', '.join(BUILTIN_TASKS)}; user tasks: {user}. "
+                f"built-in tasks: {', '.join(BUILTIN_TASKS)}; causal-LM tasks: {', '.join(LM_TASKS)}; "
+                f"user tasks: {user}. "
                 "Declare your own task with --user-task NAME TRAIN TEST (DataConfig.user_tasks in Python)."
             )
         for name in dict.fromkeys(names):
@@ -107,8 +110,13 @@ class DataConfig:
                     raise GoraDataError(f"User task {name!r}: {role} file {file} not found; check the path.")
 
     def check_sources(self, names: Sequence[str]) -> None:
-        """:meth:`check`, then refuse built-in tasks whose data (export, package, sdist) is not available."""
+        """:meth:`check`, then refuse built-in tasks whose data (export, package, sdist) is not available, and
+        causal-LM tasks (their runner, :class:`gora.bench.lm_tasks.LMRunner`, checks its own sources)."""
         self.check(names)
+        lm = [n for n in dict.fromkeys(names) if n in LM_TASKS and n not in self.user_tasks]
+        if lm:
+            raise GoraConfigError(f"Task(s) {lm} are causal-LM tasks: they run in the protocol-2 grid only "
+                                  f"(`gora bench grid --tasks {' '.join(lm)}`, without --protocol 1), not here.")
         for name in dict.fromkeys(names):
             if name not in self.user_tasks:
                 check_task_source(name, self.data_dir)
