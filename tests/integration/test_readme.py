@@ -91,7 +91,9 @@ def test_the_architecture_section_lists_every_module_of_the_package_and_no_other
     section = text.split("\n## Architecture\n", 1)[1].split("\n## ", 1)[0]
     tree = re.search(r"```\nsrc/gora/\n(.*?)```", section, flags=re.S)
     assert tree, "the Architecture section draws src/gora/ as a tree"
-    listed = set(re.findall(r"^  (\w+\.py|\w+/) ", tree.group(1), flags=re.M))
+    names = re.findall(r"^  (\w+\.py|\w+/) ", tree.group(1), flags=re.M)
+    listed = set(names)
+    assert len(names) == len(listed), f"a module is drawn twice: {sorted(n for n in listed if names.count(n) > 1)}"
     package = ROOT / "src" / "gora"
     present = {p.name for p in package.glob("*.py") if p.name != "__main__.py"}
     present |= {f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").is_file()}
