@@ -37,6 +37,9 @@ Arms: lora, rslora (alpha/sqrt(r)), rslora_loraplus (LoRA+ ratio 16), gora, gora
 allocation only), gora_fixed_rank (every rank r: initialisation only), gora_head_warmup (50 head-only steps before
 estimation), gora_adaptive_gamma, gora_warmup_adaptive (both); the wider field: pissa, loraga, eva, dora, adalora,
 full, loraplus, olora.
+Causal-LM tasks (gsm_symbolic, rotten_tomatoes_lm, tweet_sentiment_lm) run SmolLM2-135M through its pretrained LM
+head with the same arms, lr selection and curves (no new head: head-warm-up arms are refused); gsm_symbolic's metric
+is the answer loss on held-out templates (lower is better), exact match of greedy answers a secondary field.
 Protocol 1 (--protocol 1, superseded): epochs, lr chosen on seed 0's validation accuracy and reused as its result.
 """
 
