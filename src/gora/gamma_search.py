@@ -127,10 +127,12 @@ def golden_section_log(loss: Callable[[float], float], low: float, high: float, 
     """The γ in [low, high] with the least ``loss(γ)`` found by bracketing and golden-section search in log γ.
 
     From ``start`` (clamped into the range), steps of ×4 (then growing by the golden ratio in log γ) go the way
-    the loss falls until it rises again or a bound is reached; the bracket (left, best, right) is then narrowed
-    by golden sections until it is narrower than half the scan's spacing, its ends are within a relative
-    ``RELATIVE_FLATNESS`` of its best loss, or ``max_evaluations`` losses were taken. A non-finite loss counts as
-    +inf. Each γ is evaluated once (cached): ``loss`` may be expensive.
+    the loss falls until it rises again or a bound is reached; the bracket (left, best, right) is then narrowed,
+    each probe at the vertex of the parabola through the bracket where that is safely inside it, else by a golden
+    section (after a parabolic probe that did not improve, always), until the bracket is narrower than half the
+    scan's spacing, its ends or the parabola's vertex are within a relative ``RELATIVE_FLATNESS`` of its best loss,
+    or ``max_evaluations`` losses were taken. A non-finite loss counts as +inf. Each γ is evaluated once (cached):
+    ``loss`` may be expensive.
     """
     if not 0 < low <= high:
         raise ValueError(f"golden_section_log needs 0 < low <= high, got {low}, {high}")
@@ -163,14 +165,26 @@ def golden_section_log(loss: Callable[[float], float], low: float, high: float, 
             break
         behind, best = best, ahead
     left, right = sorted((behind, ahead))
+    parabolic_failed = False
     while right - left > 2 * LOG_TOLERANCE and len(cache) < max_evaluations:
-        if max(f(left), f(right)) - f(best) <= RELATIVE_FLATNESS * abs(f(best)):
+        floor = RELATIVE_FLATNESS * abs(f(best))
+        if max(f(left), f(right)) - f(best) <= floor:
             break
-        if best - left > right - best:
-            probe = best - GOLDEN * (best - left)
-        else:
-            probe = best + GOLDEN * (right - best)
-        if f(probe) < f(best):
+        probe = None
+        vertex = None if parabolic_failed else _parabola_vertex(left, f(left), best, f(best), right, f(right))
+        if vertex is not None:
+            x, predicted = vertex
+            if f(best) - predicted <= floor:  # the local parabola promises no worthwhile gain
+                break
+            margin = LOG_TOLERANCE / 2
+            if left + margin < x < right - margin and abs(x - best) >= margin:
+                probe = x
+        parabolic = probe is not None
+        if probe is None:
+            probe = best - GOLDEN * (best - left) if best - left > right - best else best + GOLDEN * (right - best)
+        improved = f(probe) < f(best)
+        parabolic_failed = parabolic and not improved  # a parabolic step that did not pay: a golden one next
+        if improved:
             left, right = (left, best) if probe < best else (best, right)
             best = probe
         elif probe < best:
@@ -178,6 +192,19 @@ def golden_section_log(loss: Callable[[float], float], low: float, high: float, 
         else:
             right = probe
     return _readable(best)
+
+
+def _parabola_vertex(a: float, fa: float, b: float, fb: float, c: float, fc: float) -> tuple[float, float] | None:
+    """(vertex, value there) of the parabola through (a, fa), (b, fb), (c, fc), a < b < c; None unless finite and
+    convex."""
+    if not a < b < c or not all(math.isfinite(v) for v in (fa, fb, fc)):
+        return None
+    slope = (fb - fa) / (b - a)
+    curvature = ((fc - fb) / (c - b) - slope) / (c - a)
+    if curvature <= 0:
+        return None
+    x = (a + b) / 2 - slope / (2 * curvature)
+    return x, fa + slope * (x - a) + curvature * (x - a) * (x - b)
 
 
 def _readable(log_gamma: float) -> float:
