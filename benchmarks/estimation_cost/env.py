@@ -27,7 +27,7 @@ def environment(device: str = "cpu") -> dict:
     env = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "peft": peft.__version__, "cpu": models.cpu_model(), "cpu_count": os.cpu_count(), "commit": commit or None,
-           "command": " ".join([sys.executable] + sys.argv)}
+           "command": " ".join(["python"] + sys.argv)}  # "python", not this machine's interpreter path
     if hasattr(os, "getloadavg"):
         env["load_average"] = os.getloadavg()
     if device == "cuda" and torch.cuda.is_available():

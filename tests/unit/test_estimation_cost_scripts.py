@@ -51,6 +51,7 @@ def test_environment_names_versions_and_the_gpu_only_on_cuda(scripts):
     env = scripts["env"].environment("cpu")
     assert env["torch"] == torch.__version__ and "gpu" not in env
     assert {"date", "python", "transformers", "peft", "cpu", "cpu_count", "commit", "command"} <= set(env)
+    assert env["command"].split()[0] == "python"  # no machine path of the interpreter in committed results
 
 
 def test_environment_names_the_gpu_on_cuda_as_torch_reports_it(scripts, monkeypatch):
