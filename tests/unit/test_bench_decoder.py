@@ -291,3 +291,25 @@ def test_train_padding_is_right_and_masked_prompt_padding_is_left():
     prompts = collate_prompts([[5, 6, 7], [8]], pad_id=2, device=torch.device("cpu"))
     assert prompts["input_ids"].tolist() == [[5, 6, 7], [2, 2, 8]]
     assert prompts["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_the_report_shows_answer_loss_as_a_loss_and_keeps_it_out_of_the_average_and_the_accuracy_plot(tmp_path):
+    import json
+
+    from gora.bench.report import write_report
+
+    records = [{"method": m, "arm": m, "task": t, "seed": s, "metric": metric, "value": v + 0.01 * s,
+                "trainable_params": 1000}
+               for m, base in (("lora", 0.0), ("gora", 0.1))
+               for t, metric, v in (("gsm_symbolic", "answer_loss", 1.2 - base), ("rotten_tomatoes_lm", "accuracy",
+                                                                                 0.7 + base))
+               for s in (0, 1)]
+    (tmp_path / "results.json").write_text(json.dumps(records))
+    written = write_report(tmp_path)
+    table = written["table"].read_text()
+    assert "gsm_symbolic (answer_loss, lower is better)" in table
+    assert "| lora | 1.2050 ± 0.0071 | 70.50 ± 0.71 | 70.50 |" in table  # the loss as it is; avg of accuracy only
+    assert "accuracy" in written
+    (tmp_path / "results.json").write_text(json.dumps([r for r in records if r["task"] == "gsm_symbolic"]))
+    written = write_report(tmp_path, tmp_path / "loss_only")
+    assert "accuracy" not in written and "| gora | 1.1050 ± 0.0071 | — |" in written["table"].read_text()

@@ -62,18 +62,36 @@ def _params(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
+LOWER_IS_BETTER = ("answer_loss", "loss", "val_loss")
+"""Metrics shown as they are (not in %), lower is better: the causal-LM tasks' answer loss."""
+
+
+def loss_tasks(df: pd.DataFrame) -> set[str]:
+    """Tasks whose metric is a loss (lower is better); they stay out of 'avg' and the accuracy plot."""
+    if "metric" not in df.columns:
+        return set()
+    return set(df.loc[df["metric"].isin(LOWER_IS_BETTER), "task"])
+
+
 def markdown_table(df: pd.DataFrame) -> str:
-    """Methods as rows, tasks as columns, in % with mean ± std over seeds; 'avg' = mean of the task means."""
+    """Methods as rows, tasks as columns, mean ± std over seeds: accuracy in %, a loss metric as it is (lower is
+    better, marked in the header); 'avg' = mean of the accuracy tasks' means."""
     s = summary(df)
     tasks = list(dict.fromkeys(df["task"]))
     methods = list(dict.fromkeys(df["method"]))
-    header = ["method", *tasks, "avg", "trainable params", "seeds"]
+    losses = loss_tasks(df)
+    metric_of = dict(zip(df["task"], df["metric"])) if losses else {}
+    accuracy_tasks = [t for t in tasks if t not in losses]
+    header = ["method", *(f"{t} ({metric_of[t]}, lower is better)" if t in losses else t for t in tasks), "avg",
+              "trainable params", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in methods:
         rows = s[s["method"] == method].set_index("task")
-        cells = [f"{100 * rows.at[t, 'mean']:.2f} ± {100 * rows.at[t, 'std']:.2f}" if t in rows.index else "—"
-                 for t in tasks]
-        avg = f"{100 * rows['mean'].mean():.2f}" if all(t in rows.index for t in tasks) else "—"
+        cells = [("—" if t not in rows.index else
+                  f"{rows.at[t, 'mean']:.4f} ± {rows.at[t, 'std']:.4f}" if t in losses else
+                  f"{100 * rows.at[t, 'mean']:.2f} ± {100 * rows.at[t, 'std']:.2f}") for t in tasks]
+        complete = accuracy_tasks and all(t in rows.index for t in accuracy_tasks)
+        avg = f"{100 * rows.loc[accuracy_tasks, 'mean'].mean():.2f}" if complete else "—"
         params = _params(rows["params"].mean()) if "params" in rows else "—"
         seeds = "/".join(str(int(n)) for n in rows["n"].unique())
         lines.append("| " + " | ".join([method, *cells, avg, params, seeds]) + " |")
@@ -179,7 +197,11 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike | None =
     out.mkdir(parents=True, exist_ok=True)
     written = {"table": out / TABLE_FILE, "accuracy": out / ACCURACY_PLOT}
     written["table"].write_text(markdown_table(df), encoding="utf-8")
-    plot_accuracy(df, written["accuracy"])
+    accuracy = df[~df["task"].isin(loss_tasks(df))]
+    if accuracy.empty:
+        del written["accuracy"]
+    else:
+        plot_accuracy(accuracy, written["accuracy"])
     if plot_rank_heatmaps(df, out / RANKS_PLOT):
         written["ranks"] = out / RANKS_PLOT
     logger.info("Report written: %s", ", ".join(str(p) for p in written.values()))
