@@ -183,6 +183,13 @@ def _pyplot():
     return plt
 
 
+def _log_axis(ax, xlabel: str) -> None:
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_forest(entries: Sequence[dict], path: Path) -> None:
     """One panel per reference: each arm's paired difference per task with its interval; 0 marked."""
     plt = _pyplot()
@@ -245,10 +252,7 @@ def plot_lr_sensitivity(selection: Sequence[Record], path: Path, arms: Sequence[
         axes[0][col].set_ylabel("validation loss (mean of selection seeds)")
         axes[1][col].set_ylabel("validation accuracy, %")
         for ax in (axes[0][col], axes[1][col]):
-            ax.set_xscale("log")
-            ax.set_xlabel("learning rate")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            _log_axis(ax, "learning rate")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -298,11 +302,8 @@ def plot_convergence(results: Sequence[Record], selection: Sequence[Record], pat
                 axes[1][col].plot(steps, losses, "o-", label=arm)
         axes[1][col].set_title(f"{task}: every arm at lr {lr:g}" if lr is not None else f"{task}: no common lr")
         for ax in axes[:, col]:
-            ax.set_xscale("log")
-            ax.set_xlabel("training step")
+            _log_axis(ax, "training step")
             ax.set_ylabel("validation loss")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -336,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("folder", help="a protocol-v2 study folder (results.json, lr_search.json)")
     parser.add_argument("--out-dir", help="where to write (default: the study folder)")
     args = parser.parse_args(argv)
-    for name, path in write_evidence(args.folder, args.out_dir).items():
+    for path in write_evidence(args.folder, args.out_dir).values():
         print(f"wrote {path}")
     return 0
 
