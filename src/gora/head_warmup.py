@@ -34,7 +34,8 @@ SEQ_CLS_HEADS = ("classifier", "score")
 def head_keys(lora_config: Any) -> list[str]:
     """The names PEFT keeps trainable: ``modules_to_save``, plus classifier/score for task_type SEQ_CLS."""
     keys = list(getattr(lora_config, "modules_to_save", None) or [])
-    if str(getattr(lora_config, "task_type", None) or "") in ("SEQ_CLS", "TaskType.SEQ_CLS"):
+    task = getattr(lora_config, "task_type", None)
+    if getattr(task, "value", task) == "SEQ_CLS":
         keys += [k for k in SEQ_CLS_HEADS if k not in keys]
     return keys
 
@@ -112,8 +113,8 @@ def warmed_head(model: nn.Module, lora_config: Any, batches: list, config: GoraC
 
 def _train(model: nn.Module, params: dict[str, nn.Parameter], all_params: list[nn.Parameter], batches: list,
            config: GoraConfig, loss_fn: LossFn | None) -> dict[str, Any]:
-    """The warm-up loop: only the head requires grad, gradients by ``torch.autograd.grad`` (no ``.grad`` of the
-    user's is touched until the optimiser step, which runs on the head's own)."""
+    """The warm-up loop: only the head requires grad; its gradients come from ``torch.autograd.grad`` (no ``.grad``
+    is written), AdamW steps fp32 copies of the head and the head takes their values."""
     if not batches:
         raise GoraConfigError("head_warmup_steps needs estimation batches to warm the head on; none were given.")
     for p in all_params:
@@ -126,20 +127,23 @@ def _train(model: nn.Module, params: dict[str, nn.Parameter], all_params: list[n
     with torch.no_grad():  # every process starts from rank 0's head
         for p in head:
             distributed.broadcast_tensor_(p.data)
-    optimizer = torch.optim.AdamW(head, lr=config.head_warmup_lr)
+    # AdamW steps fp32 copies (a bf16/fp16 head would lose its small updates); the head gets their values back
+    masters = [p.detach().float().clone().requires_grad_(True) for p in head]
+    optimizer = torch.optim.AdamW(masters, lr=config.head_warmup_lr)
     device = model_device(model)
     losses = []
     with torch.enable_grad():
-        for step, batch in zip(range(config.head_warmup_steps), itertools.cycle(batches)):
+        for _, batch in zip(range(config.head_warmup_steps), itertools.cycle(batches)):
             loss = compute_loss(model, move_to_device(batch, device), loss_fn)
             grads = torch.autograd.grad(loss, head, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(head, grads)]
+            grads = [torch.zeros_like(m) if g is None else g.float() for m, g in zip(masters, grads)]
             _average_over_processes(grads)
-            for p, g in zip(head, grads):
-                p.grad = g
+            for master, grad in zip(masters, grads):
+                master.grad = grad
             optimizer.step()
-            for p in head:
-                p.grad = None
+            with torch.no_grad():
+                for p, master in zip(head, masters):
+                    p.copy_(master)
             losses.append(float(loss.detach()))
     with torch.no_grad():  # bit-identical on every process, whatever rounding the optimisers met
         for p in head:
@@ -154,7 +158,7 @@ def _average_over_processes(grads: list[Tensor]) -> None:
     """Each gradient averaged over processes in place: one all-reduce of their concatenation."""
     if not distributed.is_distributed():
         return
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    flat = torch.cat([g.reshape(-1) for g in grads])
     distributed.all_reduce_sum_(flat)
     flat /= distributed.world_size()
     for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):

@@ -159,3 +159,12 @@ def test_the_warm_up_cycles_over_fewer_batches_than_steps(tiny_bert):
     firsts = [int(b["input_ids"][0, 0]) for b in batches]
     assert seen[:10] == [firsts[i % STEPS] for i in range(10)]  # the warm-up, cycled
     assert seen[10:] == firsts  # then estimation over the same batches, none lost
+
+
+def test_a_bf16_head_is_warmed_through_fp32_copies_and_kept_in_bf16(tiny_bert):
+    model = tiny_bert.to(torch.bfloat16)
+    before = _weights(model)
+    state = estimate_gora(model, _seq_cls_lora(), make_bert_batches(STEPS), _config(head_warmup_lr=1e-3))
+    assert state.head["classifier.weight"].dtype == torch.bfloat16
+    assert not torch.equal(state.head["classifier.weight"], before["classifier.weight"])  # 1e-3 steps survive
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
