@@ -91,3 +91,11 @@ def test_write_evidence_reads_worker_parts_once_and_writes_table_and_plots(tmp_p
 def test_an_empty_study_is_refused_with_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the study first"):
         evidence.write_evidence(tmp_path)
+
+
+def test_gora_variants_are_also_paired_against_plain_gora_and_other_arms_are_not():
+    records = [rec(arm, "t", s, 0.7 + 0.01 * s) for arm in ("lora", "rslora", "gora", "gora_gamma0") for s in range(3)]
+    pairs = {(e["arm"], e["reference"]) for e in evidence.paired_differences(records) if e["task"] == "t"}
+    assert ("gora_gamma0", "gora") in pairs
+    assert ("lora", "gora") not in pairs and ("rslora", "gora") not in pairs
+    assert ("gora", "lora") in pairs and ("gora_gamma0", "rslora") in pairs

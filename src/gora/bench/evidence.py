@@ -5,7 +5,7 @@ Everything here is computed from the committed records alone (``results.json`` a
 
     python -m gora.bench.evidence benchmarks/results/cpu/evidence
 
-Statistics. For an arm X, a reference R (``rslora``, ``lora``) and a task, the paired difference of one seed is
+Statistics. For an arm X, a reference R (``rslora``, ``lora``; ``gora`` for GoRA's variants) and a task, the paired difference of one seed is
 ``value(X, seed) - value(R, seed)``: both runs share the seed, hence the data order, the head's initialisation and
 the estimation batches. The mean over seeds gets a two-sided 95 % Student-t interval (``n - 1`` degrees of
 freedom); no conclusion is drawn from the rank order of means. ``"task": "average"`` first averages each seed's
@@ -28,7 +28,8 @@ from pathlib import Path
 
 from gora.bench.records import Record, load_records
 
-REFERENCES = ("rslora", "lora")
+REFERENCES = ("rslora", "lora", "gora")
+"""Each arm is paired against these; against ``gora`` only GoRA's own variants (``gora_*``), to isolate an ingredient."""
 SATURATION_MARGIN = 0.005
 """Every arm within this of a perfect score: the task is saturated and leaves averages."""
 LOWER_IS_BETTER = ("answer_loss", "loss", "val_loss")
@@ -114,7 +115,7 @@ def paired_differences(records: Sequence[Record], references: Sequence[str] = RE
     out = []
     for reference in references:
         for arm in arms:
-            if arm == reference:
+            if arm == reference or (reference == "gora" and not arm.startswith("gora_")):
                 continue
             per_seed: dict[int, dict[str, float]] = defaultdict(dict)
             for task in tasks:
