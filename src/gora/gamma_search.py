@@ -130,8 +130,8 @@ def golden_section_log(loss: Callable[[float], float], low: float, high: float, 
     the loss falls until it rises again or a bound is reached; the bracket (left, best, right) is then narrowed,
     each probe at the vertex of the parabola through the bracket where that is safely inside it, else by a golden
     section (after a parabolic probe that did not improve, always), until the bracket is narrower than half the
-    scan's spacing, its ends or the parabola's vertex are within a relative ``RELATIVE_FLATNESS`` of its best loss,
-    or ``max_evaluations`` losses were taken. A non-finite loss counts as +inf. Each γ is evaluated once (cached):
+    scan's spacing, its ends are within a relative ``RELATIVE_FLATNESS`` of its best loss, or ``max_evaluations``
+    losses were taken. A non-finite loss counts as +inf. Each γ is evaluated once (cached):
     ``loss`` may be expensive.
     """
     if not 0 < low <= high:
@@ -172,10 +172,8 @@ def golden_section_log(loss: Callable[[float], float], low: float, high: float, 
             break
         probe = None
         vertex = None if parabolic_failed else _parabola_vertex(left, f(left), best, f(best), right, f(right))
-        if vertex is not None:
-            x, predicted = vertex
-            if f(best) - predicted <= floor:  # the local parabola promises no worthwhile gain
-                break
+        if vertex is not None:  # its predicted value is not trusted for stopping: the valley is rarely a parabola
+            x, _ = vertex
             margin = LOG_TOLERANCE / 2
             if left + margin < x < right - margin and abs(x - best) >= margin:
                 probe = x
