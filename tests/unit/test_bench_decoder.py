@@ -313,3 +313,14 @@ def test_the_report_shows_answer_loss_as_a_loss_and_keeps_it_out_of_the_average_
     (tmp_path / "results.json").write_text(json.dumps([r for r in records if r["task"] == "gsm_symbolic"]))
     written = write_report(tmp_path, tmp_path / "loss_only")
     assert "accuracy" not in written and "| gora | 1.1050 ± 0.0071 | — |" in written["table"].read_text()
+
+
+def test_the_folder_readme_names_the_decoder_of_a_causal_lm_grid(tmp_path):
+    import json
+
+    from gora.bench.lm_tasks import LMConfig
+    from gora.bench.provenance import write_folder_readme
+
+    (tmp_path / "grid_config.json").write_text(json.dumps(LMConfig().settings()))
+    text = write_folder_readme(tmp_path, ["grid", "--tasks", "gsm_symbolic"]).read_text()
+    assert "- Model: SmolLM2-135M-Instruct" in text and "MiniLM" not in text

