@@ -118,8 +118,8 @@ def warn_if_negligible(stats: dict[str, Any], config: Any) -> bool:
     return True
 
 
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
+def _finite_or_none(value: float | None) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 def describe(stats: dict[str, Any]) -> str:

@@ -100,7 +100,7 @@ def _rebuild_mapping(batch: Mapping, items: dict) -> Mapping:
         except Exception:  # an unusual subclass: try its constructor below
             pass
     try:
-        return type(batch)(items)
+        return type(batch)(items)  # type: ignore[call-arg]  # a Mapping subclass built from a dict
     except Exception:  # a mapping type that cannot be built from a dict
         return items
 
@@ -134,6 +134,7 @@ def batch_size(batch: Any) -> int:
 
 def forward_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
     """``loss_fn(model, batch)``, or ``model(**batch).loss``; a clear error when there is no scalar loss."""
+    loss: Tensor | None
     if loss_fn is not None:
         loss = loss_fn(model, batch)
     else:
@@ -288,6 +289,7 @@ def layer_score(target: TargetLayer, layer: LayerSums, importance: str, g_bar: T
     if g_bar is not None:
         weight = target.weight_out_in().detach().to(g_bar.device)
         return target.name, score_consuming_(importance, weight, g_bar), None
+    assert layer.frob is not None, f"{target.name}: neither a mean gradient nor a sketch"
     return target.name, sketch_norm(layer.frob / layer.count), layer.frob.shape[1]
 
 

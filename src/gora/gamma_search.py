@@ -240,7 +240,7 @@ def search_gamma(model: nn.Module, targets: list[TargetLayer], a: dict[str, Tens
             if positive:
                 golden_section_log(score, min(positive), max(positive), start)
     finite = {g: v for g, v in scored.items() if math.isfinite(v)}
-    best = min(finite, key=finite.get) if finite else 0.0
+    best = min(finite, key=lambda g: finite[g]) if finite else 0.0
     chosen = best if finite and finite[best] < baseline else 0.0
     logger.info("adaptive gamma (%s, %d losses): W0 loss %.5g, best %.5g at gamma=%g -> gamma=%g", method,
                 len(scored) + 1, baseline, finite.get(best, float("nan")), best, chosen)

@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -135,8 +135,8 @@ def _train(model: nn.Module, params: dict[str, nn.Parameter], all_params: list[n
     with torch.enable_grad():
         for _, batch in zip(range(config.head_warmup_steps), itertools.cycle(batches)):
             loss = compute_loss(model, move_to_device(batch, device), loss_fn)
-            grads = torch.autograd.grad(loss, head, allow_unused=True)
-            grads = [torch.zeros_like(m) if g is None else g.float() for m, g in zip(masters, grads)]
+            raw = torch.autograd.grad(loss, head, allow_unused=True)
+            grads = [torch.zeros_like(m) if g is None else g.float() for m, g in zip(masters, raw)]
             _average_over_processes(grads)
             for master, grad in zip(masters, grads):
                 master.grad = grad
@@ -200,7 +200,7 @@ def copy_head_into(peft_model: nn.Module, lora_config: Any, head: dict[str, Tens
     original modules, the user's, are left as they are."""
     if not head:
         return
-    inner = peft_model.base_model.model
+    inner = cast(nn.Module, cast(nn.Module, peft_model.base_model).model)
     for module_name in head_modules_of_state(head, inner):
         wrapper = inner.get_submodule(module_name)
         copies = getattr(wrapper, "modules_to_save", None)

@@ -15,7 +15,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -210,8 +210,13 @@ def _snapshot(model: nn.Module):
     return restore
 
 
+def _inner_model(peft_model: nn.Module) -> nn.Module:
+    """The user's model inside a ``PeftModel`` (``peft_model.base_model.model``)."""
+    return cast(nn.Module, cast(nn.Module, peft_model.base_model).model)
+
+
 def _copy_adapter_weights(peft_model: PeftModel, weights: dict, adapter_name: str) -> None:
-    modules = dict(peft_model.base_model.model.named_modules())
+    modules = dict(_inner_model(peft_model).named_modules())
     for name, (a, b) in weights.items():
         layer = modules[name]
         lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
@@ -227,10 +232,11 @@ def _copy_adapter_weights(peft_model: PeftModel, weights: dict, adapter_name: st
 def lora_layers(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, tuple[int, float]]:
     """{module name: (rank, forward scaling)} read off the model's LoRA layers themselves."""
     layers = {}
-    for name, module in peft_model.base_model.model.named_modules():
+    for name, module in _inner_model(peft_model).named_modules():
         lora_a = getattr(module, "lora_A", None)
         if isinstance(lora_a, nn.ModuleDict) and adapter_name in lora_a:
-            layers[name] = (lora_a[adapter_name].weight.shape[0], float(module.scaling[adapter_name]))
+            rank = int(cast(nn.Linear, lora_a[adapter_name]).weight.shape[0])
+            layers[name] = (rank, float(cast(dict, module.scaling)[adapter_name]))
     return layers
 
 

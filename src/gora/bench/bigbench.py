@@ -52,7 +52,7 @@ def _cache_file(task_path: str, sdist: Path) -> Path:
 
 
 def _best_target(target_scores: dict[str, float]) -> str:
-    return max(target_scores, key=target_scores.get)
+    return max(target_scores, key=lambda name: target_scores[name])
 
 
 def _stream_task(sdist: Path, task_path: str) -> list[tuple[str, str]]:
@@ -60,7 +60,10 @@ def _stream_task(sdist: Path, task_path: str) -> list[tuple[str, str]]:
     with tarfile.open(sdist, "r|gz") as archive:  # one streaming pass
         for info in archive:
             if info.name == member:
-                examples = json.load(archive.extractfile(info))["examples"]
+                member_file = archive.extractfile(info)
+                if member_file is None:  # a directory or link of that name, not the task file
+                    break
+                examples = json.load(member_file)["examples"]
                 return [(ex["input"], _best_target(ex["target_scores"])) for ex in examples]
     raise KeyError(f"{member} is not in {sdist}; check the task path (folders under benchmark_tasks/).")
 
