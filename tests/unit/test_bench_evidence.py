@@ -78,7 +78,7 @@ def test_write_evidence_reads_worker_parts_once_and_writes_table_and_plots(tmp_p
                  for arm in ("lora", "rslora", "gora") for s in (100, 101) for lr in (5e-4, 1e-3, 2e-3)]
     save_records(tmp_path / "lr_search.json", selection)
     written = evidence.write_evidence(tmp_path)
-    assert set(written) == {"paired.json", "paired.md", "paired_differences.png", "lr_sensitivity.png",
+    assert set(written) == {"paired.json", "paired.md", "arms.md", "paired_differences.png", "lr_sensitivity.png",
                             "convergence.png"}
     entries = json.loads((tmp_path / "paired.json").read_text())
     gora_vs_lora = [e for e in entries if e["arm"] == "gora" and e["reference"] == "lora" and e["task"] == "t"][0]
@@ -99,3 +99,13 @@ def test_gora_variants_are_also_paired_against_plain_gora_and_other_arms_are_not
     assert ("gora_gamma0", "gora") in pairs
     assert ("lora", "gora") not in pairs and ("rslora", "gora") not in pairs
     assert ("gora", "lora") in pairs and ("gora_gamma0", "rslora") in pairs
+
+
+def test_arm_table_reports_the_chosen_lr_scores_and_the_initial_step():
+    runs = [rec("gora", "t", s, v, lr=5e-4, lr_grid=[2.5e-4, 5e-4, 1e-3], lr_at_edge=False, val_loss=0.5,
+                init_relative_delta=6e-5, init_loss_w0=0.70, init_loss_after=0.69, gamma=0.05)
+            for s, v in enumerate([0.70, 0.72])]
+    runs += [rec("lora", "t", s, 0.7, lr=2e-3, lr_grid=[5e-4, 2e-3], lr_at_edge=True) for s in range(2)]
+    table = evidence.arm_table(runs)
+    assert "| t | gora | 2 | 0.0005 (0.00025..0.001) | 71.00 ± 1.41 | 0.5000 | 6.0e-05 | -0.01000 | 0.05 |" in table
+    assert "| t | lora | 2 | 0.002 (0.0005..0.002) **at edge** | 70.00 ± 0.00 | — | — | — | — |" in table

@@ -5,7 +5,8 @@ Everything here is computed from the committed records alone (``results.json`` a
 
     python -m gora.bench.evidence benchmarks/results/cpu/evidence
 
-Statistics. For an arm X, a reference R (``rslora``, ``lora``; ``gora`` for GoRA's variants) and a task, the paired difference of one seed is
+Statistics. For an arm X, a reference R (``rslora``, ``lora``; ``gora`` for GoRA's variants) and a task, the
+paired difference of one seed is
 ``value(X, seed) - value(R, seed)``: both runs share the seed, hence the data order, the head's initialisation and
 the estimation batches. The mean over seeds gets a two-sided 95 % Student-t interval (``n - 1`` degrees of
 freedom); no conclusion is drawn from the rank order of means. ``"task": "average"`` first averages each seed's
@@ -29,7 +30,7 @@ from pathlib import Path
 from gora.bench.records import Record, load_records
 
 REFERENCES = ("rslora", "lora", "gora")
-"""Each arm is paired against these; against ``gora`` only GoRA's own variants (``gora_*``), to isolate an ingredient."""
+"""Each arm is paired against these; against ``gora`` only GoRA's own variants (``gora_*``): one ingredient each."""
 SATURATION_MARGIN = 0.005
 """Every arm within this of a perfect score: the task is saturated and leaves averages."""
 LOWER_IS_BETTER = ("answer_loss", "loss", "val_loss")
@@ -175,6 +176,36 @@ def markdown(entries: Sequence[dict], excluded: dict[str, str]) -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def arm_table(results: Sequence[Record]) -> str:
+    """Per task and arm: test seeds, chosen lr (and whether it sits at the grid's edge), mean test score and final
+    validation loss, and GoRA's initial step (relative size, held-out loss change, γ) averaged over seeds."""
+    lines = ["| task | arm | seeds | lr (grid) | test score, mean ± sd | val loss | ‖ΔW₀‖/‖W₀‖ | Δ held-out loss "
+             "at init | γ |", "|---|---|---|---|---|---|---|---|---|"]
+    for (task, arm), runs in sorted(_by(results, "task", "arm").items()):
+        values = [r["value"] for r in runs]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        scale = 1 if runs[0].get("metric") in LOWER_IS_BETTER else 100
+        grid = runs[0].get("lr_grid") or []
+        edge = " **at edge**" if runs[0].get("lr_at_edge") else ""
+        lrs = sorted({float(r["lr"]) for r in runs})
+        lr = "/".join(f"{x:g}" for x in lrs) + (f" ({min(grid):g}..{max(grid):g}){edge}" if grid else "")
+        delta = _mean([r.get("init_relative_delta") for r in runs])
+        change = _mean([r["init_loss_after"] - r["init_loss_w0"] for r in runs
+                        if r.get("init_loss_after") is not None and r.get("init_loss_w0") is not None])
+        gamma = _mean([r.get("gamma") for r in runs]) if arm.startswith("gora") else None
+        val = _mean([r.get("val_loss") for r in runs])
+        lines.append(f"| {task} | {arm} | {len(runs)} | {lr} | {scale * statistics.fmean(values):.2f} ± "
+                     f"{scale * sd:.2f} | {'—' if val is None else f'{val:.4f}'} | "
+                     f"{'—' if delta is None else f'{delta:.1e}'} | {'—' if change is None else f'{change:+.5f}'} | "
+                     f"{'—' if gamma is None else f'{gamma:.3g}'} |")
+    return "\n".join(lines) + "\n"
+
+
 def _pyplot():
     import matplotlib
 
@@ -312,7 +343,8 @@ def plot_convergence(results: Sequence[Record], selection: Sequence[Record], pat
 
 
 def write_evidence(folder: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Write ``paired.json``, ``paired.md`` and the three plots for a study folder; returns what was written."""
+    """Write ``paired.json``, ``paired.md``, ``arms.md`` (chosen lr, scores, GoRA's initial step) and the three plots
+    for a study folder; returns what was written."""
     folder = Path(folder)
     out = Path(out_dir) if out_dir is not None else folder
     results, selection = read_study(folder)
@@ -320,9 +352,10 @@ def write_evidence(folder: str | os.PathLike, out_dir: str | os.PathLike | None 
         raise FileNotFoundError(f"{folder} holds no results.json records; run the study first.")
     out.mkdir(parents=True, exist_ok=True)
     entries = paired_differences(results)
-    written = {"paired.json": out / "paired.json", "paired.md": out / "paired.md"}
+    written = {"paired.json": out / "paired.json", "paired.md": out / "paired.md", "arms.md": out / "arms.md"}
     written["paired.json"].write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
     written["paired.md"].write_text(markdown(entries, excluded_tasks(results)), encoding="utf-8")
+    written["arms.md"].write_text(arm_table(results), encoding="utf-8")
     if entries:
         plot_forest(entries, out / "paired_differences.png")
         written["paired_differences.png"] = out / "paired_differences.png"
