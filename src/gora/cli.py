@@ -82,26 +82,58 @@ def _add_init(verbs) -> None:
     p.add_argument("--targets", default="all-linear",
                    help="comma-separated module names or dotted suffixes (e.g. query,key,value,dense), "
                         "or 'all-linear' (default; the head is left out)")
-    p.add_argument("--num-steps", type=int, default=32, help="estimation batches N (default 32)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per estimation batch (default 8)")
     p.add_argument("--max-length", type=int, default=128, help="truncate inputs to this many tokens (default 128)")
-    p.add_argument("--gamma", type=float, default=5e-2, help="initial step size: ||dW0|| ~ gamma ||G|| (default 0.05)")
-    p.add_argument("--adaptive-gamma", action="store_true",
-                   help="pick gamma on 4 held-out batches (eval mode, against the loss at W0; 0 if none helps)")
-    p.add_argument("--adaptive-steps", action="store_true",
-                   help="stop before --num-steps once every layer's importance changes by < 10%% per step")
-    p.add_argument("--min-rank", type=int, default=None, help="smallest rank (default max(1, r // 2); 0 allowed)")
-    p.add_argument("--max-rank", type=int, default=None, help="largest rank (default 4 r)")
-    p.add_argument("--importance", choices=("mean_abs", "frobenius", "grad_nuclear"), default="mean_abs",
-                   help="layer score: mean|W*G| (default), ||W*G||_F, or the nuclear norm of G")
-    p.add_argument("--estimator", choices=("full", "sketch"), default="full",
-                   help="full: accumulate each gradient (4 B per target parameter); sketch: O(r (in+out)) memory, "
-                        "needs --importance frobenius")
-    p.add_argument("--seed", type=int, default=0, help="seed of A, of the batch shuffle and of a new head (default 0)")
+    _add_gora_options(p.add_argument_group("GoRA settings (GoraConfig's fields)"))
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load the model in (default float32)")
     _add_no_progress(p)
     p.set_defaults(run=cmd_init)
+
+
+CLI_EXCLUDED_FIELDS = {"extra": "gora init writes its own notes there (model, data, LoRA settings)",
+                       "show_progress": "given as --no-progress, shared with gora export"}
+"""GoraConfig fields with no ``gora init`` option of their own, and why."""
+CLI_FIELD_NOTES = {"seed": "gora init also seeds the batch shuffle and a new head with it."}
+"""What the CLI adds to a field's docstring (never a default or a choice list: those come from GoraConfig)."""
+
+
+def gora_option_fields() -> list[Any]:
+    """The GoraConfig fields that ``gora init`` offers as options, in the dataclass's order."""
+    import dataclasses
+
+    from .config import GoraConfig
+
+    return [f for f in dataclasses.fields(GoraConfig) if f.name not in CLI_EXCLUDED_FIELDS]
+
+
+def _add_gora_options(p) -> None:
+    """One option per GoraConfig field, its type, default, choices and help read from the dataclass, so a new
+    field or a changed default reaches ``gora init`` without an edit here."""
+    import typing
+
+    from .config import GoraConfig, field_default, field_docs
+
+    hints, docs = typing.get_type_hints(GoraConfig), field_docs()
+    for spec in gora_option_fields():
+        name, default = spec.name, field_default(spec.name)
+        kind = hints[name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        text = " ".join(filter(None, (docs[name].replace("``", ""), CLI_FIELD_NOTES.get(name))))
+        options: dict[str, Any] = {"default": default, "dest": name}
+        if kind is bool and default is False:
+            options["action"] = "store_true"
+        elif kind is bool or (args == [bool]):
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is typing.Literal:
+            options["choices"] = typing.get_args(kind)
+        elif args and typing.get_origin(args[0]) is list:
+            options.update(nargs="+", type=typing.get_args(args[0])[0], metavar="VALUE")
+        else:
+            options["type"] = args[0] if args else kind
+        if not (kind is bool and default is False):
+            text += f" (default: {default})"
+        p.add_argument("--" + name.replace("_", "-"), help=text.replace("%", "%%"), **options)
 
 
 def _add_inspect(verbs) -> None:
@@ -156,10 +188,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     from .data_files import PEFT_TASK_TYPES, load_text_data
 
     _check_positive(num_steps=args.num_steps, batch_size=args.batch_size, max_length=args.max_length, r=args.r)
-    gora_config = GoraConfig(
-        num_steps=args.num_steps, min_rank=args.min_rank, max_rank=args.max_rank, gamma=args.gamma,
-        importance=args.importance, estimator=args.estimator, seed=args.seed, adaptive_steps=args.adaptive_steps,
-        adaptive_gamma=args.adaptive_gamma, show_progress=not args.no_progress)
+    gora_config = GoraConfig(**{f.name: getattr(args, f.name) for f in gora_option_fields()},
+                             show_progress=not args.no_progress)
     model_dir = _model_dir(args.model)
     _check_max_length(model_dir, args.max_length)
     from .estimation import check_device

@@ -245,6 +245,36 @@ def refuse_unknown_fields(names: Any, error: type[GoraConfigError]) -> None:
         raise error(f"unknown GoraConfig fields {unknown};{hint} known fields are {sorted(known)}.")
 
 
+@functools.lru_cache(maxsize=1)
+def field_docs() -> dict[str, str]:
+    """Each GoraConfig field's docstring (the string literal under it in this file), whitespace collapsed.
+
+    The one place the fields are explained: the ``gora init`` options take their help text from here.
+    """
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(GoraConfig))
+    body = next(node for node in tree.body if isinstance(node, ast.ClassDef)).body
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def field_default(name: str) -> Any:
+    """The default of GoraConfig field ``name`` (a fresh copy for fields with a default factory)."""
+    for spec in dataclasses.fields(GoraConfig):
+        if spec.name == name:
+            if spec.default is not dataclasses.MISSING:
+                return spec.default
+            return spec.default_factory()  # type: ignore[misc]
+    refuse_unknown_fields([name], GoraConfigTypeError)
+
+
 def _checked_init(init: Any) -> Any:
     """The dataclass ``__init__``, refusing unknown keyword arguments as a GoraConfigTypeError (a TypeError, as
     Python's own refusal is) that suggests the field meant: ``GoraConfig(num_step=8)`` → ``num_steps``."""
