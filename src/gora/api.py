@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from . import distributed
 from .accumulate import LayerSums, SketchOperators
 from .allocation import allocate_ranks
+from .batches import take_held_out
 from .config import GoraConfig, check_gora_config, check_lora_config
 from .errors import GoraDataError, GoraTypeError
 from .estimation import (
@@ -147,7 +148,7 @@ def _estimate(model: nn.Module, base: nn.Module, lora_config: LoraConfig, target
     )
     held_out = list(eval_batches) if eval_batches is not None else []
     if config.adaptive_gamma and eval_batches is None:
-        held_out = list(itertools.islice(iterator, config.gamma_batches))
+        held_out = take_held_out(iterator, config)
     losses = None
     if config.adaptive_gamma:
         if not held_out:

@@ -209,6 +209,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from peft import LoraConfig
 
     from . import estimate_gora
+    from .batches import batches_needed
     from .data_files import collator_for, subsample, tokenize
     from .targets import resolve_targets
     from .trainer import estimation_batches
@@ -217,7 +218,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     model = _load_model(model_dir, data.task, data.label_names, args.dtype, device, args.seed)
     lora_config = LoraConfig(**lora)
     resolve_targets(model, lora_config)  # targets that match nothing are refused before the data is prepared
-    steps = args.num_steps + (gora_config.gamma_batches if args.adaptive_gamma else 0)
+    steps = batches_needed(gora_config)
     features = tokenize(subsample(data, steps * args.batch_size, args.seed), tokenizer, args.max_length)
     batches = estimation_batches(features, collator_for(data.task, tokenizer), args.batch_size, steps, args.seed)
     state = estimate_gora(model, lora_config, batches, gora_config=gora_config)

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from gora import GoraConfig, apply_gora, estimate_gora
+from gora.batches import split_estimation_batches
 from gora.bench.builders import (
     GAMMA_BATCHES,
     Batch,
@@ -57,7 +58,7 @@ INIT_STATS_FIELDS = {"init_relative_delta": "relative_delta", "init_loss_w0": "l
 def gora_peft_model(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch]) -> tuple[nn.Module, dict]:
     """(peft_model, record fields): ranks, gamma, N, rank range, estimation and total init time."""
     gora_config = gora_config_for(cfg)
-    used, held_out = list(batches[: cfg.init_steps]), list(batches[cfg.init_steps :])
+    used, held_out = split_estimation_batches(batches, gora_config)
     config = lora_config(cfg)
     start = time.perf_counter()
     extra: dict[str, Any] = {"eval_batches": held_out} if cfg.gora_adaptive_gamma or cfg.gora_eval_batches else {}

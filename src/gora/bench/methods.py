@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from gora.batches import batches_needed
 from gora.bench.builders import (
     Batch,
     Builder,
@@ -19,6 +20,7 @@ from gora.bench.builders import (
     plain_lora_builder,
 )
 from gora.bench.gora_method import build_gora, build_gora_loraplus
+from gora.config import GoraConfig
 from gora.errors import GoraConfigError
 
 METHODS: dict[str, Builder] = {
@@ -47,9 +49,8 @@ def init_batch_count(method: str, cfg: MethodConfig) -> int:
         return 0
     if method == "eva":
         return cfg.eva_steps
-    held_out = GAMMA_BATCHES if method.startswith("gora") and (cfg.gora_adaptive_gamma or cfg.gora_eval_batches) \
-        else 0
-    return cfg.init_steps + held_out
+    held_out = method.startswith("gora") and (cfg.gora_adaptive_gamma or cfg.gora_eval_batches)
+    return batches_needed(GoraConfig(num_steps=cfg.init_steps, gamma_batches=GAMMA_BATCHES), held_out=held_out)
 
 
 def build_method(method: str, model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch] = ()) -> BuiltMethod:
