@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .config import field_default
 from .estimation import LossFn, compute_loss_no_grad, model_device, move_to_device
 from .targets import TargetLayer
 
@@ -212,7 +213,7 @@ def _readable(log_gamma: float) -> float:
 
 def search_gamma(model: nn.Module, targets: list[TargetLayer], a: dict[str, Tensor], c: dict[str, Tensor],
                  shapes: dict[str, tuple[int, int]], grid: list[float], batches: list,
-                 loss_fn: LossFn | None, method: str = "golden", start: float = 5e-2
+                 loss_fn: LossFn | None, method: str = "golden", start: float = field_default("gamma")
                  ) -> tuple[float, dict, HeldOutLosses]:
     """Best γ on ``batches`` (eval mode), or 0 when no candidate beats the loss at W₀.
 

@@ -28,6 +28,7 @@ from .atomic import (
     sha256_bytes,
     sha256_file,
 )
+from .config import field_default
 from .errors import GoraStateError, GoraTypeError
 
 FORMAT_VERSION = 1
@@ -49,7 +50,7 @@ class GoraState:
     """Matched modules left out, with the reason (``"no gradient"``, tied embeddings, ...)."""
     reference_rank: int = 8
     lora_alpha: float = 16.0
-    gamma: float = 5e-2
+    gamma: float = field_default("gamma")
     seed: int = 0
     config: dict[str, Any] = field(default_factory=dict)
     """The ``GoraConfig`` used, as a dict."""

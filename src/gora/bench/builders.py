@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from gora.config import field_default
 from gora.errors import GoraConfigError
 
 Batch = dict[str, torch.Tensor]
 
 
-GAMMA_BATCHES = 4
+GAMMA_BATCHES = field_default("gamma_batches")
 """Training batches after the first N that adaptive gamma scores on (``GoraConfig.gamma_batches``)."""
 
 
@@ -51,16 +52,16 @@ class MethodConfig:
     """Optimizer steps of the run; AdaLoRA's ``total_step``."""
     loraplus_ratio: float = 16.0
     """LoRA+ learning-rate ratio lr_B / lr_A (``loraplus`` and ``gora_loraplus``)."""
-    init_steps: int = 32
+    init_steps: int = field_default("num_steps")
     """Batches used by the gradient-based initialisations (GoRA's N, LoRA-GA)."""
     eva_steps: int = 32
     """Distinct batches EVA cycles through (forward passes only) until its SVDs converge; a handful of repeated
     batches may never converge."""
-    gora_gamma: float = 5e-2
+    gora_gamma: float = field_default("gamma")
     gora_min_rank: int | None = None
     gora_max_rank: int | None = None
-    gora_importance: str = "mean_abs"
-    gora_estimator: str = "full"
+    gora_importance: str = field_default("importance")
+    gora_estimator: str = field_default("estimator")
     """``"full"`` (exact mean gradient) or ``"sketch"`` (memory-light; needs ``gora_importance="frobenius"``)."""
     show_progress: bool = True
     """GoRA's estimation bar (the grid sets it from ``TrainConfig.progress``; not a setting that changes results)."""

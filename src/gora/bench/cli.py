@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from gora.bench import set_offline_env
+from gora.config import ESTIMATOR_NAMES, IMPORTANCE_NAMES, field_default
 
 logger = logging.getLogger(__name__)
 
@@ -85,17 +86,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--lrs", type=float, nargs="+", help="one learning-rate grid for every method")
     m.add_argument("--lr", type=_lr_override, action="append", default=[], metavar="METHOD=LR[,LR]",
                    help="learning-rate grid of one method (repeatable); one value skips the search")
-    m.add_argument("--gora-steps", type=int, default=32, help="batches for GoRA/LoRA-GA gradient estimation (N)")
+    m.add_argument("--gora-steps", type=int, default=field_default("num_steps"),
+                   help="batches for GoRA/LoRA-GA gradient estimation (N)")
     m.add_argument("--eva-steps", type=int, default=32, help="distinct batches EVA cycles through")
-    m.add_argument("--gamma", type=float, default=5e-2, help="GoRA's initialisation scale")
+    m.add_argument("--gamma", type=float, default=field_default("gamma"), help="GoRA's initialisation scale")
     m.add_argument("--adaptive-gamma", action="store_true",
                    help="GoRA picks gamma per run on 4 held-out training batches (the value goes in the record)")
     m.add_argument("--gora-min-rank", type=int, help="GoRA's smallest rank (default r/2; r with --gora-max-rank r "
                                                      "keeps LoRA's ranks and isolates the initialisation)")
     m.add_argument("--gora-max-rank", type=int, help="GoRA's largest rank (default 4r)")
-    m.add_argument("--gora-importance", choices=["mean_abs", "frobenius", "grad_nuclear"], default="mean_abs",
+    m.add_argument("--gora-importance", choices=IMPORTANCE_NAMES, default=field_default("importance"),
                    help="GoRA's layer importance (default mean|W ⊙ Ḡ|, the paper's)")
-    m.add_argument("--gora-estimator", choices=["full", "sketch"], default="full",
+    m.add_argument("--gora-estimator", choices=ESTIMATOR_NAMES, default=field_default("estimator"),
                    help="GoRA's gradient estimator; sketch needs --gora-importance frobenius")
     m.add_argument("--seeds", type=int, nargs="+", help="training seeds of the results (default 0 1 2 3 4 in "
                                                            "protocol 2, else 0)")

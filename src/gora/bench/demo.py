@@ -23,6 +23,7 @@ from gora.bench.records import Record
 from gora.bench.report import markdown_table, records_frame, write_report
 from gora.bench.runner import DataConfig
 from gora.bench.train import TrainConfig
+from gora.config import field_default
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ def header(cfg: DemoConfig) -> str:
         f"{cfg.split_seed}).\nSizes: {cfg.max_train} training reviews, {cfg.max_val} validation, {test}; "
         f"{cfg.epochs:g} epoch, batch {cfg.batch_size}, max length {cfg.max_length}, seed {cfg.seed}.\n"
         f"Adapters on query/key/value/dense, r={cfg.r}, alpha={2 * cfg.r}; GoRA: N={cfg.gora_steps} estimation "
-        f"batches, gamma 5e-2, ranks in [{max(1, cfg.r // 2)}, {4 * cfg.r}]. Learning rates: {lrs}.\n"
+        f"batches, gamma {field_default('gamma'):g}, ranks in [{max(1, cfg.r // 2)}, {4 * cfg.r}]. "
+        f"Learning rates: {lrs}.\n"
     )
 
 
