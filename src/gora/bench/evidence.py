@@ -219,7 +219,8 @@ def _log_axis(ax, xlabel: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a panel with no run of these arms has nothing to label
+        ax.legend(fontsize=7)
 
 
 def plot_forest(entries: Sequence[dict], path: Path) -> None:
