@@ -53,7 +53,8 @@ def estimation_batches(
             ``Dataset``, a ``datasets.Dataset``, a list of dicts).
         collator: the Trainer's ``data_collator``; ``None`` means ``transformers.default_data_collator``.
         batch_size: examples per batch (per process under torch.distributed).
-        num_steps: batches to build; pass ``GoraConfig.num_steps`` (plus ``gamma_batches`` for adaptive γ).
+        num_steps: batches to build; pass ``gora.batches.batches_needed(gora_config)`` (``num_steps``, plus
+            ``gamma_batches`` for adaptive γ).
         seed: seed of the shuffle; a dataset smaller than ``batch_size * num_steps`` (times the processes) is
             reshuffled and reused, with a warning.
         columns: keys to keep from each (dict) example (like the Trainer's ``remove_unused_columns``);
