@@ -216,7 +216,10 @@ def _pyplot():
 
 
 def _log_axis(ax, xlabel: str) -> None:
+    from matplotlib.ticker import NullFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on short log ranges
     ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # a panel with no run of these arms has nothing to label
