@@ -19,16 +19,15 @@
 # (lora 2.5e-4..1e-3; rsLoRA and GoRA arms, alpha/sqrt(r) = 2.8x LoRA's scale, 1.25e-4..5e-4, so that 2.5e-4 and
 # 5e-4 are common lrs for the convergence picture) extended past an edge up to 2 times; then test seeds 0, 1, 2.
 # Per task: 5 arms x (6 selection + 3 test) = 45 runs before extensions, 90 in all.
-# Cost. Not measured at these sizes: while this script was written a MiniLM study kept both cores busy (load 6-9)
-# and a niced run got about 3 % of a core (a 4-step GoRA run on GSM-Symbolic took over 30 min of wall time for about
-# a minute of CPU time). Estimated from the earlier decoder preset's timings on 2 idle cores (11.5 s per step at batch
-# 8 x 256 tokens with 2 threads, 12.9 s per GoRA estimation batch, 61-71 s per 16 greedy answers of 256 tokens,
-# 25-30 s to load the model), taking one thread at half the batch as the same time per step: gsm_symbolic about 9 min
-# per LoRA-type run (32 steps ~6 min, two validation passes and the test pass ~2 min) and 11-12 min per GoRA-type
-# run (estimation ~2 min), plus ~1.5 min of generation in test runs: about 8 CPU-hours for its 45 runs;
-# rotten_tomatoes_lm roughly 8 min per run (2 label words scored per review), about 6 CPU-hours. So about 14
-# CPU-hours, 7 hours on two idle cores with the two workers; time one run (--seeds 0, one arm, one --lr) before
-# planning, and cut --max-test or the lr grid if that is too long.
+# Cost, measured with `nice -n 10` and one thread while a MiniLM study kept both cores busy (load 5-9): a niced run
+# got about 3 % of a core, so wall times were ~30x the CPU times and only CPU times mean anything. One short GoRA run
+# on gsm_symbolic (4 steps at batch 4, N = 2, 4 validation and 4 test items, 2 greedy answers of 32 tokens): 82 CPU-s
+# (2,506 s wall), model load 17 CPU-s (542 s wall). Per unit: ~7 CPU-s per training step at batch 4, ~9 per GoRA
+# estimation batch, ~1 per teacher-forced GSM item, ~0.06 per generated token and item. At this script's sizes
+# that is ~5.5 CPU-min per LoRA-type gsm_symbolic run, ~7 for GoRA-type, +2 for generation in test runs (about 5
+# CPU-hours for its 45 runs) and ~9 CPU-min per rotten_tomatoes_lm run (the two label words of 400 reviews scored
+# per run dominate; about 7 CPU-hours): about 12 CPU-hours, 6 hours on two idle cores with the two workers.
+# Time one run (--seeds 0, one arm, one --lr) before planning; cut --max-test or --max-val if that is too long.
 # The tasks run one after the other, each in its own folder (their sizes differ); two worker processes with one
 # thread each share a task's folder, each takes every other arm, and both merge into its results.json. Resumable:
 # rerun the same command; finished runs are never recomputed. Table at the end of each task (python -m gora.bench
