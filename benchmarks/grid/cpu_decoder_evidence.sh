@@ -25,8 +25,8 @@
 # (2,506 s wall), model load 17 CPU-s (542 s wall). Per unit: ~7 CPU-s per training step at batch 4, ~9 per GoRA
 # estimation batch, ~1 per teacher-forced GSM item, ~0.06 per generated token and item. At this script's sizes
 # that is ~5.5 CPU-min per LoRA-type gsm_symbolic run, ~7 for GoRA-type, +2 for generation in test runs (about 5
-# CPU-hours for its 45 runs) and ~9 CPU-min per rotten_tomatoes_lm run (the two label words of 400 reviews scored
-# per run dominate; about 7 CPU-hours): about 12 CPU-hours, 6 hours on two idle cores with the two workers.
+# CPU-hours for its 45 runs) and ~9 CPU-min per rotten_tomatoes_lm run (two label words scored for 100 reviews
+# twice and 300 once dominate; about 7 CPU-hours): about 12 CPU-hours, 6 hours on two idle cores, two workers.
 # Time one run (--seeds 0, one arm, one --lr) before planning; cut --max-test or --max-val if that is too long.
 # The tasks run one after the other, each in its own folder (their sizes differ); two worker processes with one
 # thread each share a task's folder, each takes every other arm, and both merge into its results.json. Resumable:
