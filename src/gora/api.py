@@ -17,6 +17,7 @@ from .accumulate import LayerSums, SketchOperators
 from .allocation import allocate_ranks
 from .batches import take_held_out
 from .config import GoraConfig, check_gora_config, check_lora_config
+from .diagnostics import init_stats, warn_if_negligible
 from .errors import GoraDataError, GoraTypeError
 from .estimation import (
     EstimationRun,
@@ -27,7 +28,6 @@ from .estimation import (
     run_estimation,
     too_few_batches,
 )
-from .diagnostics import init_stats, warn_if_negligible
 from .gamma_search import held_out_losses, search_gamma
 from .head_warmup import head_parameters, warmed_head
 from .importance import layer_importances
@@ -248,6 +248,7 @@ def _score_and_project(targets: list[TargetLayer], sums: dict[str, LayerSums], a
             layer.grad = None  # free Ḡ now: peak stays at the accumulators
         else:
             scores.append(layer_score(target, layer, config.importance, None))
+            assert layer.proj is not None, f"{target.name}: neither a mean gradient nor a sketch"
             projected[target.name] = layer.proj / layer.count
     return layer_importances(scores), _to_host(projected)
 

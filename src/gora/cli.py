@@ -141,8 +141,9 @@ def _add_inspect(verbs) -> None:
                          description="Print the rank table and budget of a GoraState directory or of an adapter "
                                      "directory with a gora_config.json sidecar, and plot ranks per layer.")
     p.add_argument("path", help="a GoraState directory (gora init) or an adapter directory (gora export)")
-    p.add_argument("--plot", default=None, help=f"image to write; PNG unless the name ends in another format "
-                                                f"matplotlib writes, e.g. .pdf or .svg (default: PATH/{RANK_PLOT_FILE})")
+    p.add_argument("--plot", default=None,
+                   help=f"image to write; PNG unless the name ends in another format matplotlib writes, e.g. .pdf "
+                        f"or .svg (default: PATH/{RANK_PLOT_FILE})")
     p.add_argument("--no-plot", action="store_true", help="print the table only")
     p.add_argument("--json", action="store_true", help="print ranks, importances and budget as JSON instead")
     p.set_defaults(run=cmd_inspect)
@@ -441,7 +442,8 @@ def _model_from_state(model_dir: Path, source: Path, args: argparse.Namespace):
         names = [str(i) for i in range(args.num_labels)]
     model = _load_model(model_dir, task, names, args.dtype, "cpu", state.seed)
     saved = info.get("lora_config", {})
-    lora_config = LoraConfig(r=state.reference_rank, lora_alpha=state.lora_alpha, target_modules=state.adapted,
+    lora_config = LoraConfig(r=state.reference_rank, lora_alpha=state.lora_alpha,  # type: ignore[arg-type]
+                             target_modules=state.adapted,
                              task_type=saved.get("task_type", {"seq-cls": "SEQ_CLS"}.get(task, "CAUSAL_LM")))
     return apply_gora(model, lora_config, state, gamma=args.gamma), state, task
 

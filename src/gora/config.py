@@ -211,7 +211,7 @@ class GoraConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def paper(cls, **changes: Any) -> "GoraConfig":
+    def paper(cls, **changes: Any) -> GoraConfig:
         """The paper's settings (GoRA, arXiv 2502.12171): N = 32 batches, γ = 5e-2 (a fixed step, no adaptive γ),
         importance mean|W⊙Ḡ|, the cost of a rank unit √(in+out) (``features="sqrt"``, the paper's text), ranks in
         [r/2, 4r] (``min_rank``/``max_rank`` None), the full gradient, no adaptive N, no head warm-up.
@@ -227,7 +227,7 @@ class GoraConfig:
         return cls(**{**settings, **changes})
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GoraConfig":
+    def from_dict(cls, data: dict[str, Any]) -> GoraConfig:
         if not isinstance(data, dict):
             raise GoraConfigTypeError(f"GoraConfig.from_dict needs a dict, got {type(data).__name__}.")
         refuse_unknown_fields(data, GoraConfigError)
@@ -271,7 +271,7 @@ def field_default(name: str) -> Any:
         if spec.name == name:
             if spec.default is not dataclasses.MISSING:
                 return spec.default
-            return spec.default_factory()  # type: ignore[misc]
+            return spec.default_factory()  # type: ignore[operator]  # MISSING unless a factory is set
     refuse_unknown_fields([name], GoraConfigTypeError)
 
 

@@ -170,7 +170,7 @@ class GoraState:
         }
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "GoraState":
+    def load(cls, directory: str | os.PathLike) -> GoraState:
         """Load a saved state.
 
         Directories that saves killed mid-way left beside ``directory`` (``.NAME.tmp-*``, and ``.NAME.old-*`` once
@@ -243,7 +243,7 @@ class GoraState:
                 problems.append(f"{name}: negative rank {rank}")
             if rank <= 0:
                 continue
-            out_f, in_f = shape
+            out_f, in_f = shape  # type: ignore[misc]  # None was reported and skipped above
             a, c = self.A.get(name), self.C.get(name)
             if not isinstance(a, Tensor) or not isinstance(c, Tensor):
                 problems.append(f"{name}: missing A or C")

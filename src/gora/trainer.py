@@ -170,7 +170,7 @@ def add_gora_logging(trainer: Any, state: GoraState) -> GoraLoggingCallback:
     """
     callback = GoraLoggingCallback(state)
     handler = getattr(trainer, "callback_handler", None)
-    if not isinstance(getattr(handler, "callbacks", None), list):
+    if handler is None or not isinstance(getattr(handler, "callbacks", None), list):
         raise GoraTypeError(f"add_gora_logging needs a transformers.Trainer (or a subclass such as TRL's "
                             f"SFTTrainer), got {type(trainer).__name__}.")
     handler.callbacks.insert(0, callback)

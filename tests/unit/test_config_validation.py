@@ -152,8 +152,8 @@ def test_check_gora_config_accepts_none_and_refuses_a_dict():
         ({"r": 8}, GoraConfigTypeError, "lora_config must be a peft.LoraConfig, got dict"),
         (LoraConfig(r=8, lora_alpha=0), GoraConfigError, "lora_alpha must be a finite number > 0, got 0"),
         (LoraConfig(r=8, lora_alpha=-16), GoraConfigError, "lora_alpha must be a finite number > 0"),
-        (LoraConfig(r=8, lora_alpha=math.inf), GoraConfigError, "lora_alpha must be a finite number > 0"),
-        (LoraConfig(r=8, lora_alpha="16"), GoraConfigTypeError, "lora_alpha must be a number"),
+        (LoraConfig(r=8, lora_alpha=math.inf), GoraConfigError, "lora_alpha must be a finite number > 0"),  # type: ignore[arg-type]
+        (LoraConfig(r=8, lora_alpha="16"), GoraConfigTypeError, "lora_alpha must be a number"),  # type: ignore[arg-type]
         (LoraConfig(r=0, lora_alpha=16), GoraConfigError, "LoraConfig.r must be >= 1"),
     ],
 )

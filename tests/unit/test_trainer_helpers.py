@@ -50,7 +50,8 @@ def test_estimation_batches_refuses_columns_for_examples_that_are_not_dicts():
 def test_add_gora_logging_refuses_anything_but_a_gora_state_and_leaves_the_trainer_alone(state):
     trainer = _trainer()
     with pytest.raises(GoraTypeError, match=r"needs a GoraState, got (None|a str); pass the state returned by "
-                                            r"estimate_gora, peft_model\.gora_state .*, or GoraState\.load\(directory\)"):
+                                            r"estimate_gora, peft_model\.gora_state .*, "
+                                            r"or GoraState\.load\(directory\)"):
         add_gora_logging(trainer, state)
     assert trainer.callback_handler.callbacks == ["reporter"]
     with pytest.raises(GoraTypeError, match="needs a GoraState"):
