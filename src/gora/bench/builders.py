@@ -147,7 +147,7 @@ def loraplus_adamw(model: nn.Module, cfg: MethodConfig) -> torch.optim.Optimizer
     from peft.optimizers import create_loraplus_optimizer
 
     optimizer = create_loraplus_optimizer(
-        model=model, optimizer_cls=torch.optim.AdamW, lr=cfg.lr,
+        model=model, optimizer_cls=torch.optim.AdamW, lr=cfg.lr,  # type: ignore[arg-type]  # any PEFT model
         loraplus_lr_ratio=cfg.loraplus_ratio, weight_decay=cfg.weight_decay,
     )
     return with_head_group(optimizer, model, cfg)
@@ -158,7 +158,8 @@ def lora_config(cfg: MethodConfig, **overrides: Any):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        r=cfg.r, lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float scales the same
+        lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.target_modules), modules_to_save=list(cfg.modules_to_save) or None,
         task_type=cfg.task_type, **overrides,
     )
@@ -282,7 +283,8 @@ def build_adalora(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch])
 
     total = cfg.total_steps
     config = AdaLoraConfig(
-        init_r=cfg.r, target_r=max(1, cfg.r // 2), lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        init_r=cfg.r, target_r=max(1, cfg.r // 2), lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]
+        lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.target_modules), modules_to_save=list(cfg.modules_to_save) or None,
         task_type=cfg.task_type,
         total_step=total, tinit=total // 10, tfinal=total // 5, deltaT=max(1, total // 100),
@@ -290,6 +292,6 @@ def build_adalora(model: nn.Module, cfg: MethodConfig, batches: Sequence[Batch])
     peft_model = get_peft_model(model, config)
 
     def update(global_step: int) -> None:
-        peft_model.base_model.update_and_allocate(global_step)
+        peft_model.base_model.update_and_allocate(global_step)  # type: ignore[operator]  # AdaLoraModel's method
 
     return finish(peft_model, adamw(peft_model, cfg), step_callback=update, target_r=config.target_r)

@@ -139,7 +139,8 @@ def _report(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
         from gora.bench.provenance import write_folder_readme
         from gora.bench.report import write_report
 
-        for path in [*write_report(args.out_dir).values(), write_folder_readme(args.out_dir, argv)]:
+        command = list(argv) if argv is not None else None
+        for path in [*write_report(args.out_dir).values(), write_folder_readme(args.out_dir, command)]:
             logger.info("wrote %s", path)
 
 

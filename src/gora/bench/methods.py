@@ -8,9 +8,9 @@ from torch import nn
 
 from gora.batches import batches_needed
 from gora.bench.builders import (
+    GAMMA_BATCHES,
     Batch,
     Builder,
-    GAMMA_BATCHES,
     BuiltMethod,
     MethodConfig,
     build_adalora,

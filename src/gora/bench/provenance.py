@@ -52,7 +52,7 @@ def write_folder_readme(out_dir: str | os.PathLike, argv: list[str] | None = Non
     lines = [
         f"# Results: {out.name}", "",
         f"- Command: `{command}`",
-        f"- Date (first run): {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Date (first run): {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Device: {device_description()}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()),
         "- Model: " + (f"{settings['lm.model']} for the causal-LM tasks (pretrained LM head, no new head)"

@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -122,7 +123,7 @@ class DataConfig:
                 check_task_source(name, self.data_dir)
 
     def load(self, name: str) -> TaskData:
-        sizes = {"max_train": self.max_train, "max_val": self.max_val, "max_test": self.max_test}
+        sizes: dict[str, Any] = {"max_train": self.max_train, "max_val": self.max_val, "max_test": self.max_test}
         if name in self.user_tasks:
             train_path, test_path = self.user_tasks[name]
             return load_user_task(train_path, test_path, name=name, split_seed=self.split_seed, **sizes)
@@ -164,7 +165,8 @@ class CellRunner:
         if name not in self._tasks:
             data = self.data_config.load(name)
             length = self.train_config.max_length
-            encoded = tuple(encode(df, self.tokenizer, length) for df in (data.train, data.validation, data.test))
+            encoded = (encode(data.train, self.tokenizer, length), encode(data.validation, self.tokenizer, length),
+                       encode(data.test, self.tokenizer, length))
             logger.info("Task %s: %s, %d labels, split seed %d", name, data.sizes(), data.num_labels, data.split_seed)
             self._tasks[name] = (data, encoded)
         return self._tasks[name]
@@ -203,7 +205,8 @@ class CellRunner:
             "init_seconds": None, "peak_memory_bytes": result.peak_memory_bytes, "ranks": None,
             "device": device_label(device), "steps": result.steps, "final_loss": result.final_loss,
             "test_top_class_share": result.test_top_class_share,
-            "num_labels": data.num_labels, "split_seed": data.split_seed, **{f"{k}_size": v for k, v in data.sizes().items()},
+            "num_labels": data.num_labels, "split_seed": data.split_seed,
+            **{f"{k}_size": v for k, v in data.sizes().items()},
             "max_length": tc.max_length, "batch_size": tc.batch_size, "epochs": tc.epochs, "bf16": tc.bf16,
         }
         record.update({k: info[k] for k in RECORD_INFO_FIELDS if k in info})

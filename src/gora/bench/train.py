@@ -13,6 +13,7 @@ import resource
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -80,6 +81,17 @@ class TrainResult:
     """Mean validation cross-entropy after training (curve runs)."""
     eval_seconds: float = 0.0
     """Time spent on the curve's validation passes (not part of ``train_seconds``)."""
+
+
+def _length(example: dict[str, list[int] | int]) -> int:
+    ids = example["input_ids"]
+    return len(ids) if isinstance(ids, list) else 1
+
+
+def _label(example: dict[str, list[int] | int]) -> int:
+    label = example["labels"]
+    assert isinstance(label, int), "a classification example has one integer label"
+    return label
 
 
 def encode(df: pd.DataFrame, tokenizer, max_length: int) -> Encoded:
@@ -176,7 +188,8 @@ def optimise(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: 
             eval_seconds += time.perf_counter() - eval_start
     seconds = time.perf_counter() - start - eval_seconds
     tail = losses[-max(1, len(losses) // 10) :]
-    result = {"train_seconds": seconds, "steps": steps, "first_loss": losses[0], "final_loss": sum(tail) / len(tail)}
+    result: dict[str, Any] = {"train_seconds": seconds, "steps": steps, "first_loss": losses[0],
+                              "final_loss": sum(tail) / len(tail)}
     if checkpoints:
         result.update(curve=curve, eval_seconds=eval_seconds)
     return result
@@ -215,7 +228,7 @@ def evaluate_loss_and_accuracy(model: torch.nn.Module, data: Encoded, tokenizer,
     was_training = model.training
     model.eval()
     try:
-        order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))
+        order = sorted(range(len(data)), key=lambda i: _length(data[i]))
         loss_sum, correct = 0.0, 0
         for start in range(0, len(order), cfg.eval_batch_size):
             batch = collate([data[i] for i in order[start : start + cfg.eval_batch_size]], tokenizer, device)
@@ -236,7 +249,7 @@ def predict(model: torch.nn.Module, data: Encoded, tokenizer, cfg: TrainConfig) 
         raise ValueError("Cannot evaluate on an empty split; raise the split's size.")
     device = resolve_device(cfg.device)
     model.eval()
-    order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))
+    order = sorted(range(len(data)), key=lambda i: _length(data[i]))
     predicted = [0] * len(data)
     for start in range(0, len(order), cfg.eval_batch_size):
         chunk = order[start : start + cfg.eval_batch_size]
@@ -246,7 +259,7 @@ def predict(model: torch.nn.Module, data: Encoded, tokenizer, cfg: TrainConfig) 
             classes = model(**batch).logits.argmax(-1).tolist()
         for i, c in zip(chunk, classes):
             predicted[i] = c
-    return predicted, [int(ex["labels"]) for ex in data]
+    return predicted, [_label(ex) for ex in data]
 
 
 def accuracy(model: torch.nn.Module, data: Encoded, tokenizer, cfg: TrainConfig) -> float:
