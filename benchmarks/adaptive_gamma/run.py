@@ -28,6 +28,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from gora.bench.provenance import cpu_model  # noqa: E402
+
 
 def _batches(texts: list[str], labels: list[int], tokenizer, batch_size: int, max_length: int) -> list[dict]:
     out = []
@@ -36,16 +38,6 @@ def _batches(texts: list[str], labels: list[int], tokenizer, batch_size: int, ma
                         padding="max_length", return_tensors="pt")
         out.append({**enc, "labels": torch.tensor(labels[start:start + batch_size])})
     return out
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -141,7 +133,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     env = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "peft": peft.__version__, "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+           "peft": peft.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg()), "commit": commit,
            "command": " ".join(["python"] + sys.argv), "args": vars(args)}
     out = Path(args.out)
