@@ -109,3 +109,13 @@ def test_arm_table_reports_the_chosen_lr_scores_and_the_initial_step():
     table = evidence.arm_table(runs)
     assert "| t | gora | 2 | 0.0005 (0.00025..0.001) | 71.00 ± 1.41 | 0.5000 | 6.0e-05 | -0.01000 | 0.05 |" in table
     assert "| t | lora | 2 | 0.002 (0.0005..0.002) **at edge** | 70.00 ± 0.00 | — | — | — | — |" in table
+
+
+def test_the_bench_command_writes_the_evidence_of_a_folder(tmp_path, capsys):
+    from gora.bench.cli import main
+
+    records = [rec(arm, "t", s, 0.7 + 0.01 * s) for arm in ("lora", "rslora", "gora") for s in range(2)]
+    save_records(tmp_path / "results.json", records)
+    assert main(["evidence", str(tmp_path), "--out-dir", str(tmp_path / "out")]) == 0
+    assert "paired.md" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "paired.json").read_text())

@@ -238,6 +238,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evidence(args: argparse.Namespace) -> int:
+    from gora.bench.evidence import write_evidence
+
+    for path in write_evidence(args.folder, args.out_dir).values():
+        sys.stdout.write(f"wrote {path}\n")
+    return 0
+
+
 def cmd_export_assets(args: argparse.Namespace) -> int:
     from gora.bench.assets import export_assets
 
@@ -311,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("results", help="results.json, or the folder holding it")
     report.add_argument("--out-dir", help="where to write (default: next to results.json)")
     report.set_defaults(func=cmd_report)
+
+    evidence = sub.add_parser("evidence", help="paired differences with 95 %% intervals, arms table and plots of a "
+                                               "protocol-2 study folder")
+    evidence.add_argument("folder", help="a protocol-2 study folder (results.json, lr_search.json)")
+    evidence.add_argument("--out-dir", help="where to write (default: the study folder)")
+    evidence.set_defaults(func=cmd_evidence)
 
     export = sub.add_parser("export-assets", help="fp16 MiniLM + task pools as .csv.gz for the GPU machine")
     export.add_argument("--out-dir", default="gpu_assets", help="target folder (git-ignored gpu_assets/)")
