@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from gora.bench.records import Record, load_records
+from gora.bench.report import _pyplot
 
 REFERENCES = ("rslora", "lora", "gora")
 """Each arm is paired against these; against ``gora`` only GoRA's own variants (``gora_*``): one ingredient each."""
@@ -206,13 +207,15 @@ def arm_table(results: Sequence[Record]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-    import matplotlib
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+def _task_columns(tasks: Sequence[str]):
+    """A figure of two rows and one column per task (the lr and convergence plots)."""
+    return _pyplot().subplots(2, len(tasks), figsize=(5 * len(tasks), 6), squeeze=False)
 
 
 def _log_axis(ax, xlabel: str) -> None:
@@ -228,11 +231,10 @@ def _log_axis(ax, xlabel: str) -> None:
 
 def plot_forest(entries: Sequence[dict], path: Path) -> None:
     """One panel per reference: each arm's paired difference per task with its interval; 0 marked."""
-    plt = _pyplot()
     references = [r for r in REFERENCES if any(e["reference"] == r for e in entries)]
     rows = sorted({(e["task"] == "average", e["task"], e["arm"]) for e in entries})
-    fig, axes = plt.subplots(1, len(references), figsize=(6 * len(references), 0.28 * len(rows) + 1.5),
-                             sharey=True, squeeze=False)
+    fig, axes = _pyplot().subplots(1, len(references), figsize=(6 * len(references), 0.28 * len(rows) + 1.5),
+                                   sharey=True, squeeze=False)
     for ax, reference in zip(axes[0], references):
         lookup = {(e["task"], e["arm"]): e for e in entries if e["reference"] == reference}
         for y, (_, task, arm) in enumerate(rows):
@@ -250,9 +252,7 @@ def plot_forest(entries: Sequence[dict], path: Path) -> None:
         ax.set_yticks(range(len(rows)), [f"{task}: {arm}" for _, task, arm in rows], fontsize=7)
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def lr_table(selection: Sequence[Record]) -> dict[tuple[str, str], list[tuple[float, float, float]]]:
@@ -274,8 +274,7 @@ def plot_lr_sensitivity(selection: Sequence[Record], path: Path, arms: Sequence[
     tasks = list(tasks or sorted({t for t, a in table if a in arms}))[:2]
     if not tasks:
         return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 6), squeeze=False)
+    fig, axes = _task_columns(tasks)
     for col, task in enumerate(tasks):
         for arm in arms:
             points = table.get((task, arm))
@@ -289,9 +288,7 @@ def plot_lr_sensitivity(selection: Sequence[Record], path: Path, arms: Sequence[
         axes[1][col].set_ylabel("validation accuracy, %")
         for ax in (axes[0][col], axes[1][col]):
             _log_axis(ax, "learning rate")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -319,8 +316,7 @@ def plot_convergence(results: Sequence[Record], selection: Sequence[Record], pat
     tasks = list(tasks or sorted({r["task"] for r in results if r.get("curve")}))[:2]
     if not tasks:
         return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 6), squeeze=False)
+    fig, axes = _task_columns(tasks)
     for col, task in enumerate(tasks):
         for arm in arms:
             runs = [r for r in results if r["task"] == task and arm_of(r) == arm]
@@ -340,9 +336,7 @@ def plot_convergence(results: Sequence[Record], selection: Sequence[Record], pat
         for ax in axes[:, col]:
             _log_axis(ax, "training step")
             ax.set_ylabel("validation loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
