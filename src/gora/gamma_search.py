@@ -5,9 +5,10 @@ output, so the base weights are never written and no PEFT model is built per can
 are taken in eval mode under ``no_grad`` (the official baseline ran with dropout and an adapter
 at ξ = 1, which biased it).
 
-The held-out loss along γ is a function of one variable. ``golden`` brackets its minimum in log γ
-from the configured γ (steps growing by the golden ratio) and narrows the bracket by golden-section
-search: about ten loss evaluations. ``scan`` scores every candidate of the grid (≈52), the reference.
+The held-out loss along γ is a smooth function of one variable. ``golden`` brackets its minimum in log γ
+from the configured γ (steps growing by the golden ratio) and narrows the bracket by parabolic steps
+(a parabola in γ is the loss's second-order Taylor model) safeguarded by golden sections: 4-8 loss
+evaluations on MiniLM. ``scan`` scores every candidate of the grid (≈52), the reference.
 """
 
 from __future__ import annotations
@@ -129,10 +130,11 @@ def golden_section_log(loss: Callable[[float], float], low: float, high: float, 
 
     From ``start`` (clamped into the range), steps of ×4 (then growing by the golden ratio in log γ) go the way
     the loss falls until it rises again or a bound is reached; the bracket (left, best, right) is then narrowed,
-    each probe at the vertex of the parabola through the bracket where that is safely inside it, else by a golden
-    section (after a parabolic probe that did not improve, always), until the bracket is narrower than half the
-    scan's spacing, its ends are within a relative ``RELATIVE_FLATNESS`` of its best loss, or ``max_evaluations``
-    losses were taken. A non-finite loss counts as +inf. Each γ is evaluated once (cached):
+    each probe at the vertex of the parabola in γ through the bracket where that is safely inside it, else by a
+    golden section (after a parabolic probe that did not improve, always), until the bracket is narrower than half
+    the scan's spacing, its ends are within a relative ``RELATIVE_FLATNESS`` of its best loss, the parabola through
+    a narrow bracket (a factor ``BRACKET_FACTOR``) promises less than that next to the best point, or
+    ``max_evaluations`` losses were taken. A non-finite loss counts as +inf. Each γ is evaluated once (cached):
     ``loss`` may be expensive.
     """
     if not 0 < low <= high:
@@ -166,22 +168,25 @@ def golden_section_log(loss: Callable[[float], float], low: float, high: float, 
             break
         behind, best = best, ahead
     left, right = sorted((behind, ahead))
-    parabolic_failed = False
+    parabolic_failed = improved_last = False
     while right - left > 2 * LOG_TOLERANCE and len(cache) < max_evaluations:
         floor = RELATIVE_FLATNESS * abs(f(best))
         if max(f(left), f(right)) - f(best) <= floor:
             break
         probe = None
-        vertex = None if parabolic_failed else _parabola_vertex(left, f(left), best, f(best), right, f(right))
-        if vertex is not None:  # its predicted value is not trusted for stopping: the valley is rarely a parabola
-            x, _ = vertex
+        vertex = None if parabolic_failed else _parabola_vertex_log(left, f(left), best, f(best), right, f(right))
+        if vertex is not None:
+            x, predicted = vertex
+            local = right - left <= math.log(BRACKET_FACTOR) and abs(x - best) <= 2 * LOG_TOLERANCE
+            if improved_last and local and f(best) - predicted <= floor:
+                break  # in a narrow bracket the Taylor model puts the minimum at the best point: nothing to gain
             margin = LOG_TOLERANCE / 2
             if left + margin < x < right - margin and abs(x - best) >= margin:
                 probe = x
         parabolic = probe is not None
         if probe is None:
             probe = best - GOLDEN * (best - left) if best - left > right - best else best + GOLDEN * (right - best)
-        improved = f(probe) < f(best)
+        improved = improved_last = f(probe) < f(best)
         parabolic_failed = parabolic and not improved  # a parabolic step that did not pay: a golden one next
         if improved:
             left, right = (left, best) if probe < best else (best, right)
@@ -204,6 +209,16 @@ def _parabola_vertex(a: float, fa: float, b: float, fb: float, c: float, fc: flo
         return None
     x = (a + b) / 2 - slope / (2 * curvature)
     return x, fa + slope * (x - a) + curvature * (x - a) * (x - b)
+
+
+def _parabola_vertex_log(a: float, fa: float, b: float, fb: float, c: float, fc: float
+                         ) -> tuple[float, float] | None:
+    """:func:`_parabola_vertex` of points given in log γ, fitted in γ itself: the loss is smooth in γ (ΔW₀ is linear
+    in it), so a parabola in γ is its second-order Taylor model; returns (log of the vertex, value there)."""
+    vertex = _parabola_vertex(math.exp(a), fa, math.exp(b), fb, math.exp(c), fc)
+    if vertex is None or vertex[0] <= 0:
+        return None
+    return math.log(vertex[0]), vertex[1]
 
 
 def _readable(log_gamma: float) -> float:
