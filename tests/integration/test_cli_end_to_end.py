@@ -257,12 +257,12 @@ def test_init_refuses_targets_that_match_nothing_before_preparing_the_data(files
 @pytest.mark.parametrize("form", ["--portable", "--native", "--merged"])
 def test_export_refuses_a_directory_with_other_files_before_loading_the_model(files, tmp_path, monkeypatch, capsys,
                                                                              form):
-    from gora import cli
+    from gora.cli import export
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was refused")
 
-    monkeypatch.setattr(cli, "_model_from_state", never)
+    monkeypatch.setattr(export, "model_from_state", never)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep")
     assert main(["export", str(files / "bert"), str(files / "state"), "-o", str(tmp_path / "busy"), form]) == 2

@@ -12,6 +12,7 @@ import types
 import pytest
 
 from gora import cli
+from gora.cli import checks, passthrough
 
 HEAVY = ("torch", "transformers", "peft", "matplotlib")
 
@@ -155,8 +156,8 @@ def _fake_bench(monkeypatch, main):
     module = types.ModuleType("gora.bench.cli")
     if main is not None:
         module.main = main
-    real_import = cli.importlib.import_module
-    monkeypatch.setattr(cli.importlib, "import_module",
+    real_import = passthrough.importlib.import_module
+    monkeypatch.setattr(passthrough.importlib, "import_module",
                         lambda name: module if name == "gora.bench.cli" else real_import(name))
 
 
@@ -172,7 +173,7 @@ def test_bench_without_gora_bench_exits_2_with_an_install_hint(monkeypatch, caps
     def missing(name):
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
-    monkeypatch.setattr(cli.importlib, "import_module", missing)
+    monkeypatch.setattr(passthrough.importlib, "import_module", missing)
     assert cli.main(["bench", "grid"]) == 2
     assert "gora-peft[bench]" in capsys.readouterr().err
 
@@ -183,8 +184,8 @@ def test_bench_returns_gora_bench_exit_status(monkeypatch):
 
 
 def test_targets_accept_names_and_all_linear():
-    assert cli._targets("query, value,dense") == ["query", "value", "dense"]
-    assert cli._targets("all-linear") == "all-linear"
+    assert checks.parse_targets("query, value,dense") == ["query", "value", "dense"]
+    assert checks.parse_targets("all-linear") == "all-linear"
 
 
 def test_model_directory_without_a_tokenizer_exits_2_with_the_fix(tmp_path, capsys):
