@@ -1,4 +1,4 @@
-"""Host-side cost of CPU gradient sums: torch's mixed-dtype ``add_`` vs ``gora.accumulate.host_add_``.
+"""Host-side cost of CPU gradient sums: torch's mixed-dtype ``add_`` vs ``gora.host_add.host_add_``.
 
 When the fp32 sums live in CPU memory (``GoraConfig(offload=True)`` on a GPU, or a bf16/fp16 model estimated
 on the CPU), every step adds each target gradient, in its own dtype, into its fp32 sum on the host. torch's CPU
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
 from env import alternated_best, environment, machine_line, markdown_table, write_results  # noqa: E402
 
-from gora.accumulate import HOST_ADD_CHUNK, host_add_  # noqa: E402
+from gora.host_add import HOST_ADD_CHUNK, host_add_  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 

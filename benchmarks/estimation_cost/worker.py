@@ -35,7 +35,7 @@ import methods as m  # noqa: E402
 import models  # noqa: E402
 from env import median_interval  # noqa: E402
 from gora import GoraConfig  # noqa: E402
-from gora.accumulate import probe_flags  # noqa: E402
+from gora.finite_checks import probe_flags  # noqa: E402
 from gora.targets import resolve_targets  # noqa: E402
 
 logging.basicConfig(level=logging.WARNING)
@@ -175,7 +175,7 @@ def _result_info(method: str, result) -> dict:
 
 
 def _finite_check_share(model, targets, device, floor_step_s: float | None, sketch: bool) -> float | None:
-    """Time of one step's NaN/Inf probe per floor step: ``gora.accumulate.probe_flags`` over every layer's running
+    """Time of one step's NaN/Inf probe per floor step: ``gora.finite_checks.probe_flags`` over every layer's running
     fp32 sum, or its sketch projection, as ``GradientAccumulator`` queues it each step (read on the host only every
     few steps on an accelerator, so no sync is timed apart from the end of the timing)."""
     if not floor_step_s:

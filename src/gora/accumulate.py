@@ -29,19 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpointing import GradientCheckpointing
-from .finite_checks import FiniteChecks, probe_flags
+from .finite_checks import FiniteChecks
 from .host_add import HOST_ADD_CHUNK, host_add_
-from .offload import STAGING_BUFFERS, PinnedOffload
-from .sketch import SKETCH_BLOCK_ELEMENTS, SketchOperators, sketch_add_
+from .offload import PinnedOffload
+from .sketch import SketchOperators, sketch_add_
 from .targets import TargetLayer
 
-__all__ = [
-    "BATCH_ADD_BYTES", "CPU_BATCH_ADD_BYTES", "GradientAccumulator", "LayerSums",
-    # defined in their own modules, importable from here as before
-    "GradientCheckpointing", "HOST_ADD_CHUNK", "PinnedOffload", "SKETCH_BLOCK_ELEMENTS", "STAGING_BUFFERS",
-    "SketchOperators", "host_add_", "probe_flags",
-]
+__all__ = ["BATCH_ADD_BYTES", "CPU_BATCH_ADD_BYTES", "GradientAccumulator", "LayerSums"]
 
 BATCH_ADD_BYTES = 16 << 20
 """Gradients held for one batched add at most, for sums on an accelerator (16 MiB); 0 adds every gradient in its own

@@ -1,37 +1,29 @@
-"""``estimate_gora`` and ``get_gora_model``: orchestration only; the maths lives elsewhere."""
+"""``estimate_gora`` and ``get_gora_model``: GoRA's algorithm, step by step (the maths, the plumbing live elsewhere)."""
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import nullcontext
+from collections.abc import Iterable, Mapping
 
 import torch
 from peft import LoraConfig, PeftModel
 from torch import Tensor, nn
 
 from . import distributed
-from .accumulate import LayerSums, SketchOperators
+from .accumulate import LayerSums
 from .allocation import allocate_ranks
-from .batches import take_held_out
+from .batches import check_length, held_out_batches
 from .config import GoraConfig, check_gora_config, check_lora_config
+from .devices import accumulation_device, model_device, to_host
 from .diagnostics import init_stats, warn_if_negligible
 from .errors import GoraDataError, GoraTypeError
-from .estimation import (
-    EstimationRun,
-    LossFn,
-    accumulation_device,
-    layer_score,
-    model_device,
-    run_estimation,
-    too_few_batches,
-)
+from .estimation import layer_score
 from .gamma_search import held_out_losses, search_gamma
-from .head_warmup import head_parameters, warmed_head
+from .gradient_sums import accumulate_gradients
+from .head_warmup import head_warmup, warmup_batches
 from .importance import layer_importances
-from .initialization import draw_a, draw_omega, draw_pool, solve_c
+from .initialization import solve_c
+from .losses import LossFn
 from .peft_bridge import apply_gora, check_not_wrapped
 from .state import GoraState
 from .targets import TargetLayer, resolve_targets, unwrap_model
@@ -74,92 +66,45 @@ def estimate_gora(
     """
     config = check_gora_config(gora_config)
     check_lora_config(lora_config)
-    if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
-        raise GoraDataError(f"batches must be an iterable of batches (a DataLoader, list, generator), "
-                            f"got {type(batches).__name__}.")
-    if isinstance(batches, Mapping):
-        raise GoraDataError("batches is a single batch (a dict); pass an iterable of batches, e.g. a list of "
-                            f"{config.num_steps} dicts or a DataLoader.")
-    if loss_fn is not None and not callable(loss_fn):
-        raise GoraTypeError(f"loss_fn must be a function loss_fn(model, batch) -> scalar loss (or None for "
-                            f"model(**batch).loss), got {type(loss_fn).__name__}.")
-    _check_length(batches, config, held_out=config.adaptive_gamma and eval_batches is None)
+    _check_inputs(batches, loss_fn, config, eval_batches)
     min_rank, max_rank = config.rank_bounds(lora_config.r)
     model = distributed.local_module(model)  # never through DDP's reducer: the sums are all-reduced after the loop
     base = unwrap_model(model)
     targets, skipped = resolve_targets(base, lora_config)
-    device = model_device(base)
-    if any(t.weight.dtype == torch.float16 for t in targets):
-        logger.warning("fp16 model: estimation scales the loss by %g (halved on overflow) and sums in fp32.",
-                       config.fp16_loss_scale)
-    acc_device = accumulation_device(targets, device, config)
-    if config.head_warmup_steps:
-        head_parameters(base, lora_config)  # refuse a model with no head to warm before any work
-    iterator = iter(batches)  # before the draw threads start: a DataLoader forks its workers here
-    warm_batches = list(itertools.islice(iterator, min(config.head_warmup_steps, config.num_steps)))
-    iterator = itertools.chain(warm_batches, iterator)
-    warm = (warmed_head(model, lora_config, warm_batches, config, loss_fn) if config.head_warmup_steps
-            else nullcontext(None))
-    with warm as head:
-        state = _estimate(model, base, lora_config, targets, skipped, iterator, config, loss_fn, acc_device,
-                          eval_batches, (min_rank, max_rank))
+    acc_device = _sums_device(targets, base, config)
+    iterator, warm_batches = warmup_batches(base, lora_config, batches, config)
+    with head_warmup(model, lora_config, warm_batches, config, loss_fn) as head:
+        run, a_max = accumulate_gradients(model, targets, iterator, config, loss_fn, acc_device, max_rank)
+        importance, projected = _score_and_project(targets, run.sums, a_max, config)
+        skipped.update({t.name: "no gradient" for t in targets if t.name not in importance})
+        shapes = {t.name: t.shape for t in targets}
+        allocation = allocate_ranks(importance, {n: shapes[n] for n in importance}, lora_config.r, min_rank,
+                                    max_rank, config.features)
+        # rank 0 decides for all: processes whose sums differ by rounding still save one identical state
+        ranks, importance, actual_params = distributed.broadcast_object(
+            (allocation.ranks, importance, allocation.actual_params))
+        a, c = _initial_factors(ranks, a_max, projected)
+        state = GoraState(
+            ranks={**{n: 0 for n in skipped if n in shapes}, **ranks}, importance=importance, shapes=shapes,
+            A=a, C=c, skipped=skipped, reference_rank=lora_config.r, lora_alpha=float(lora_config.lora_alpha),
+            gamma=config.gamma, seed=config.seed, config=config.to_dict(), num_steps=run.steps,
+            num_samples=run.samples, budget=allocation.budget, actual_params=actual_params,
+            estimation_seconds=run.seconds, peak_memory_bytes=run.peak_memory_bytes,
+            versions=package_versions(), model_class=type(base).__name__, notes=run.notes,
+        )
+        held_out, losses = held_out_batches(eval_batches, iterator, config, run.steps), None
+        if config.adaptive_gamma:
+            state.gamma, state.notes["adaptive_gamma"], losses = search_gamma(
+                model, targets, a, c, shapes, config.resolved_gamma_grid(), held_out, loss_fn,
+                method=config.gamma_search, start=config.gamma)
+        elif held_out:  # held-out batches given without adaptive gamma: the loss change of the initial step alone
+            losses = held_out_losses(model, targets, a, c, shapes, state.gamma, held_out, loss_fn)
+        state.init_stats = init_stats(targets, a, c, state.gamma, losses)
+        warn_if_negligible(state.init_stats, config)
         if head is not None:
             state.head, state.notes["head_warmup"] = head["tensors"], head["notes"]
     logger.info("GoRA: %d layers, ranks %s, %d steps in %.1fs", len(state.adapted), _spread(state.ranks),
                 state.num_steps, state.estimation_seconds)
-    return state
-
-
-def _estimate(model: nn.Module, base: nn.Module, lora_config: LoraConfig, targets: list[TargetLayer],
-              skipped: dict[str, str], iterator: Iterator, config: GoraConfig, loss_fn: LossFn | None,
-              acc_device: torch.device, eval_batches: Iterable | None, rank_bounds: tuple[int, int]) -> GoraState:
-    """Estimation, allocation, initialisation, adaptive γ and the diagnostics, on the model as it is now."""
-    min_rank, max_rank = rank_bounds
-    device = model_device(base)
-    with draw_pool(len(targets)) as pool:
-        a_draws = {t.name: pool.submit(draw_a, config.seed, t.name, min(max_rank, t.in_features, t.out_features),
-                                       t.in_features) for t in targets}
-        sketch = _sketch_operators(pool, targets, a_draws, config, acc_device) if config.estimator == "sketch" else None
-        if device.type == "cpu":
-            wait(a_draws.values())  # the loop needs every core
-        # on an accelerator the full estimator's A_max is drawn on the CPU while the loop runs (needed only after it)
-        run = run_estimation(model, targets, iterator, config, loss_fn, sketch, acc_device)
-        a_max = {name: draw.result() for name, draw in a_draws.items()}
-    _reduce_over_processes(targets, run, a_max, config, acc_device)
-
-    importance, projected = _score_and_project(targets, run.sums, a_max, config)
-    for target in targets:
-        if target.name not in importance:
-            skipped[target.name] = "no gradient"
-    shapes = {t.name: t.shape for t in targets}
-    allocation = allocate_ranks(importance, {n: shapes[n] for n in importance}, lora_config.r, min_rank, max_rank,
-                                config.features)
-    # rank 0 decides for all: processes whose sums differ by rounding still save one identical state
-    ranks, importance, actual_params = distributed.broadcast_object(
-        (allocation.ranks, importance, allocation.actual_params))
-    a, c = _initial_factors(ranks, a_max, projected)
-    state = GoraState(
-        ranks={**{n: 0 for n in skipped if n in shapes}, **ranks}, importance=importance, shapes=shapes,
-        A=a, C=c, skipped=skipped, reference_rank=lora_config.r, lora_alpha=float(lora_config.lora_alpha),
-        gamma=config.gamma, seed=config.seed, config=config.to_dict(), num_steps=run.steps,
-        num_samples=run.samples, budget=allocation.budget, actual_params=actual_params,
-        estimation_seconds=run.seconds, peak_memory_bytes=run.peak_memory_bytes,
-        versions=package_versions(), model_class=type(base).__name__, notes=run.notes,
-    )
-    held_out = list(eval_batches) if eval_batches is not None else []
-    if config.adaptive_gamma and eval_batches is None:
-        held_out = take_held_out(iterator, config)
-    losses = None
-    if config.adaptive_gamma:
-        if not held_out:
-            raise _no_held_out(run.steps, config)
-        state.gamma, state.notes["adaptive_gamma"], losses = search_gamma(
-            model, targets, a, c, shapes, config.resolved_gamma_grid(), held_out, loss_fn,
-            method=config.gamma_search, start=config.gamma)
-    elif held_out:  # held-out batches given without adaptive gamma: the loss change of the initial step alone
-        losses = held_out_losses(model, targets, a, c, shapes, state.gamma, held_out, loss_fn)
-    state.init_stats = init_stats(targets, a, c, state.gamma, losses)
-    warn_if_negligible(state.init_stats, config)
     return state
 
 
@@ -181,51 +126,27 @@ def get_gora_model(
 
 
 # -- steps of estimate_gora ------------------------------------------------------------------------
-def _check_length(batches: Iterable, config: GoraConfig, held_out: bool = False) -> None:
-    """Refuse a sized iterable that is too short before any work is done (``held_out``: adaptive γ takes its
-    ``gamma_batches`` from the same iterable, after the estimation batches)."""
-    try:
-        length = len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        return
-    if held_out and not config.adaptive_steps and length <= config.num_steps:
-        raise _no_held_out(config.num_steps, config, f"the batches hold {length} items, but ")
-    if length < config.least_steps:
-        raise too_few_batches(length, config, f"hold {length} items")
+def _check_inputs(batches: Iterable, loss_fn: LossFn | None, config: GoraConfig, eval_batches: Iterable | None
+                  ) -> None:
+    """Refuse what is not an iterable of batches, a ``loss_fn`` that is no function, too few batches."""
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+        raise GoraDataError(f"batches must be an iterable of batches (a DataLoader, list, generator), "
+                            f"got {type(batches).__name__}.")
+    if isinstance(batches, Mapping):
+        raise GoraDataError("batches is a single batch (a dict); pass an iterable of batches, e.g. a list of "
+                            f"{config.num_steps} dicts or a DataLoader.")
+    if loss_fn is not None and not callable(loss_fn):
+        raise GoraTypeError(f"loss_fn must be a function loss_fn(model, batch) -> scalar loss (or None for "
+                            f"model(**batch).loss), got {type(loss_fn).__name__}.")
+    check_length(batches, config, held_out=config.adaptive_gamma and eval_batches is None)
 
 
-def _no_held_out(steps: int, config: GoraConfig, prefix: str = "") -> GoraDataError:
-    """Adaptive γ found no held-out batches after the ``steps`` estimation batches (up front, or after the loop)."""
-    return GoraDataError(f"{prefix}adaptive_gamma needs held-out batches after the {steps} estimation batches; pass "
-                         f"eval_batches=..., or {config.gamma_batches} more batches (gamma_batches).")
-
-
-def _sketch_operators(pool: ThreadPoolExecutor, targets: list[TargetLayer], a_draws: dict[str, Future],
-                      config: GoraConfig, device: torch.device) -> dict[str, SketchOperators]:
-    """A_maxᵀ and Ω of every layer on the sums' device (the sketch needs them from the first step)."""
-    omega = {t.name: pool.submit(draw_omega, config.seed, t.name, t.in_features, config.sketch_dim) for t in targets}
-    return {t.name: SketchOperators(a_draws[t.name].result().t().contiguous().to(device),
-                                    omega[t.name].result().to(device)) for t in targets}
-
-
-def _reduce_over_processes(targets: list[TargetLayer], run: EstimationRun, a_max: dict[str, Tensor],
-                           config: GoraConfig, device: torch.device) -> None:
-    """One SUM all-reduce per accumulator after the loop (no-op in one process)."""
-    if not distributed.is_distributed():
-        return
-    counts = distributed.all_reduce_counts([run.sums[t.name].count for t in targets])
-    for target, count in zip(targets, counts):
-        sums = run.sums[target.name]
-        if config.estimator == "full":
-            widths = {"grad": target.in_features}
-        else:
-            widths = {"proj": a_max[target.name].shape[0], "frob": config.sketch_dim}
-        for field, width in widths.items():  # a process that saw no gradient still joins with zeros
-            if getattr(sums, field) is None:
-                setattr(sums, field, torch.zeros(target.out_features, width, dtype=torch.float32, device=device))
-            distributed.all_reduce_sum_(getattr(sums, field))
-        sums.count = count
-    run.steps, run.samples = distributed.all_reduce_counts([run.steps, run.samples])
+def _sums_device(targets: list[TargetLayer], base: nn.Module, config: GoraConfig) -> torch.device:
+    """Where the fp32 sums live (see :func:`~gora.devices.accumulation_device`); says so when fp16 scales the loss."""
+    if any(t.weight.dtype == torch.float16 for t in targets):
+        logger.warning("fp16 model: estimation scales the loss by %g (halved on overflow) and sums in fp32.",
+                       config.fp16_loss_scale)
+    return accumulation_device(targets, model_device(base), config)
 
 
 def _score_and_project(targets: list[TargetLayer], sums: dict[str, LayerSums], a_max: dict[str, Tensor],
@@ -250,20 +171,7 @@ def _score_and_project(targets: list[TargetLayer], sums: dict[str, LayerSums], a
             scores.append(layer_score(target, layer, config.importance, None))
             assert layer.proj is not None, f"{target.name}: neither a mean gradient nor a sketch"
             projected[target.name] = layer.proj / layer.count
-    return layer_importances(scores), _to_host(projected)
-
-
-def _to_host(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The tensors on the CPU, copied in one device→host transfer (one sync) instead of one per tensor.
-
-    The device tensors are concatenated first: the small projections are briefly held twice on the device.
-    """
-    on_device = [name for name, tensor in tensors.items() if tensor.device.type != "cpu"]
-    if not on_device:
-        return tensors
-    flat = torch.cat([tensors[name].reshape(-1) for name in on_device]).cpu()
-    chunks = flat.split([tensors[name].numel() for name in on_device])
-    return {**tensors, **{name: chunk.view(tensors[name].shape) for name, chunk in zip(on_device, chunks)}}
+    return layer_importances(scores), to_host(projected)
 
 
 def _initial_factors(ranks: dict[str, int], a_max: dict[str, Tensor], projected: dict[str, Tensor]

@@ -1,13 +1,15 @@
-"""The estimation loop: N forward/backward passes at frozen W₀, no optimizer step."""
+"""The estimation loop: N forward/backward passes at frozen W₀, no optimizer step.
+
+One module, not three: the fp16 loss scaling, the deferred NaN/Inf checks and adaptive N are parts of one step
+schedule (they share the loss scale, the step count and the accumulator's flags), and none is used apart from it.
+"""
 
 from __future__ import annotations
 
-import copy
 import logging
 import resource
 import time
-from collections import UserDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,15 +18,23 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .accumulate import GradientAccumulator, GradientCheckpointing, LayerSums, SketchOperators
+from .accumulate import GradientAccumulator, LayerSums
+from .batches import too_few_batches
+from .checkpointing import GradientCheckpointing
 from .config import GoraConfig
-from .errors import GoraConfigError, GoraDataError, GoraNumericalError
+from .devices import model_device, move_to_device
+from .errors import GoraNumericalError
 from .importance import layer_importances, score_consuming_, sketch_norm
+from .losses import LossFn, compute_loss
 from .progress import progress
+from .sketch import SketchOperators
 from .targets import TargetLayer, unwrap_model
 
 logger = logging.getLogger(__name__)
-LossFn = Callable[[nn.Module, Any], Tensor]
+
+# Transitional, not part of this module: the command line and gora.bench still import check_device and
+# resolve_device from here. Delete this import once they import them from gora.devices.
+from .devices import check_device, resolve_device  # noqa: E402, F401
 
 
 @dataclass
@@ -35,87 +45,6 @@ class EstimationRun:
     seconds: float
     peak_memory_bytes: int
     notes: dict[str, Any] = field(default_factory=dict)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA where torch sees it, else the CPU; any other name as torch reads it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def check_device(name: str) -> torch.device:
-    """The device ``name`` resolves to; refuses a name torch does not know, and CUDA where torch sees none."""
-    try:
-        device = resolve_device(name)
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise GoraConfigError(f"--device {name!r} is not a device ({name!r} is not a torch device: {err}); pass auto, "
-                              "cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GoraConfigError(f"--device {name} asks for CUDA but torch sees no CUDA GPU here; "
-                              "pass --device auto or cpu.")
-    return device
-
-
-def move_to_device(batch: Any, device: torch.device) -> Any:
-    """Tensors inside dicts, lists and tuples moved to ``device`` (other values kept).
-
-    Containers keep their type: a namedtuple stays that namedtuple, a ``BatchEncoding`` (or other dict/``UserDict``
-    subclass) a copy of itself with the moved values, so ``batch.input_ids`` still works in a ``loss_fn``. The
-    user's batch is never changed in place. Only a mapping type that cannot be rebuilt becomes a plain dict.
-    """
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return _rebuild_mapping(batch, {k: move_to_device(v, device) for k, v in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple takes its fields as arguments
-        return type(batch)(*(move_to_device(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        items = [move_to_device(v, device) for v in batch]
-        try:
-            return type(batch)(items)
-        except Exception:  # a subclass whose constructor takes something else: the plain container
-            return tuple(items) if isinstance(batch, tuple) else items
-    return batch
-
-
-def _rebuild_mapping(batch: Mapping, items: dict) -> Mapping:
-    """``batch``'s own type holding ``items``: a shallow copy with the values replaced for dict and ``UserDict``
-    subclasses (keeps a ``BatchEncoding``'s tokenizer encodings, a ``defaultdict``'s factory), else the type built
-    from a dict, else a plain dict."""
-    if type(batch) is dict:
-        return items
-    if isinstance(batch, (dict, UserDict)):
-        try:
-            rebuilt = copy.copy(batch)  # dict storage is copied, never shared with the user's batch
-            for key, value in items.items():
-                rebuilt[key] = value
-            return rebuilt
-        except Exception:  # an unusual subclass: try its constructor below
-            pass
-    try:
-        return type(batch)(items)  # type: ignore[call-arg]  # a Mapping subclass built from a dict
-    except Exception:  # a mapping type that cannot be built from a dict
-        return items
-
-
-def too_few_batches(count: int, config: GoraConfig, gave: str, per: str = "") -> GoraDataError:
-    """The error for ``count`` batches when ``config`` needs :attr:`GoraConfig.least_steps` (up front, or after the
-    loop: ``gave`` says which, e.g. "hold 3 items")."""
-    if count == 0:
-        return GoraDataError("the batches are empty: estimate_gora needs at least one batch (num_steps of them).")
-    if config.adaptive_steps:  # num_steps is only the cap of adaptive steps
-        return GoraDataError(f"the batches {gave} but adaptive steps need at least min_steps={config.min_steps} "
-                             f"(num_steps={config.num_steps} is the cap); pass at least {config.least_steps} "
-                             f"batches{per}, or set GoraConfig(min_steps={count}).")
-    return GoraDataError(f"the batches {gave} but num_steps={config.num_steps}; pass at least {config.num_steps} "
-                         f"batches{per}, or set GoraConfig(num_steps={count}).")
 
 
 def batch_size(batch: Any) -> int:
@@ -130,66 +59,6 @@ def batch_size(batch: Any) -> int:
         if isinstance(value, Tensor) and value.dim() > 0:
             return int(value.shape[0])
     return 1
-
-
-def forward_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
-    """``loss_fn(model, batch)``, or ``model(**batch).loss``; a clear error when there is no scalar loss."""
-    loss: Tensor | None
-    if loss_fn is not None:
-        loss = loss_fn(model, batch)
-    else:
-        if not isinstance(batch, Mapping):
-            raise GoraDataError(
-                f"a batch is a {type(batch).__name__}; the default loss is model(**batch).loss, which needs dict "
-                "batches. Pass dicts (input_ids, attention_mask, labels, ...) or loss_fn=lambda model, batch: ..."
-            )
-        output = model(**batch)
-        loss = getattr(output, "loss", None) if not isinstance(output, Mapping) else output.get("loss")
-        if loss is None:
-            raise GoraDataError(
-                "model(**batch) returned no loss: include labels in the batches (batch['labels']) "
-                "or pass loss_fn(model, batch) that returns a scalar loss."
-            )
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise GoraDataError(f"the loss must be a scalar tensor, got {type(loss).__name__} "
-                            f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}.")
-    return loss
-
-
-def compute_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
-    loss = forward_loss(model, batch, loss_fn)
-    if not loss.requires_grad:
-        raise GoraDataError("the loss does not depend on any target weight (no grad_fn); "
-                            "check target_modules and that loss_fn runs the model.")
-    return loss
-
-
-def compute_loss_no_grad(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> float:
-    """The loss as a float, for evaluation (no graph is kept)."""
-    return float(forward_loss(model, batch, loss_fn).detach().float())
-
-
-def accumulation_device(targets: list[TargetLayer], device: torch.device, config: GoraConfig) -> torch.device:
-    """Where the fp32 sums live: the model's device when they fit there, else the CPU (``offload``).
-
-    The sketch path's sums are O(r_max·(in+out)) per layer and always fit. The full path needs 4 B per target
-    parameter; on CUDA it stays on the device if that is at most half of the memory still usable there (free
-    memory plus what the caching allocator holds unused), leaving the rest for activations.
-    """
-    if config.offload is True or device.type == "cpu":
-        return torch.device("cpu")
-    if config.offload is False or config.estimator == "sketch":
-        return device
-    needed = 4 * sum(t.in_features * t.out_features for t in targets)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        usable = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        if needed <= 0.5 * usable:
-            return device
-        logger.info("fp32 sums need %.2f GiB, more than half of the %.2f GiB usable on %s: offloading them to "
-                    "the CPU (pinned, non-blocking copies)", needed / 2**30, usable / 2**30, device)
-        return torch.device("cpu")
-    return device
 
 
 def _loss_error(step: int, value: float) -> GoraNumericalError:

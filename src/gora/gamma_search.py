@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from . import distributed
 from .config import field_default
-from .estimation import LossFn, compute_loss_no_grad, model_device, move_to_device
+from .devices import model_device, move_to_device
+from .losses import LossFn, compute_loss_no_grad
 from .targets import TargetLayer
 
 logger = logging.getLogger(__name__)

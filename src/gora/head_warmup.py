@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
 import torch
@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from . import distributed
 from .config import GoraConfig
+from .devices import model_device, move_to_device
 from .errors import GoraConfigError, GoraStateError
-from .estimation import LossFn, compute_loss, model_device, move_to_device
+from .losses import LossFn, compute_loss
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,24 @@ def head_parameters(base: nn.Module, lora_config: Any) -> dict[str, nn.Parameter
             "embeddings): warming it would train those too. Set head_warmup_steps=0, or untie the head."
         )
     return params
+
+
+def warmup_batches(base: nn.Module, lora_config: Any, batches: Iterable, config: GoraConfig) -> tuple[Iterator, list]:
+    """(every batch, as one iterator; its first ``min(head_warmup_steps, num_steps)``, which the warm-up trains on and
+    estimation reads again). A model with no head to warm is refused before any batch is read."""
+    if config.head_warmup_steps:
+        head_parameters(base, lora_config)  # refuse a model with no head to warm before any work
+    iterator = iter(batches)  # before the draw threads start: a DataLoader forks its workers here
+    warm = list(itertools.islice(iterator, min(config.head_warmup_steps, config.num_steps)))
+    return itertools.chain(warm, iterator), warm
+
+
+def head_warmup(model: nn.Module, lora_config: Any, batches: list, config: GoraConfig, loss_fn: LossFn | None
+                ) -> contextlib.AbstractContextManager[dict[str, Any] | None]:
+    """:func:`warmed_head` where ``config.head_warmup_steps`` asks for a warm-up, else a block that yields None."""
+    if not config.head_warmup_steps:
+        return contextlib.nullcontext(None)
+    return warmed_head(model, lora_config, batches, config, loss_fn)
 
 
 @contextlib.contextmanager

@@ -11,8 +11,9 @@ from peft import LoraConfig
 from torch import nn
 
 from gora import GoraConfig, accumulate, offload
+from gora.devices import accumulation_device, model_device
 from gora.errors import GoraNumericalError, GoraUnsupportedError
-from gora.estimation import accumulation_device, model_device, run_estimation
+from gora.estimation import run_estimation
 from gora.initialization import draw_a, draw_omega
 from gora.sketch import SketchOperators
 from gora.targets import resolve_targets

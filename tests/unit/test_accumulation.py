@@ -5,7 +5,8 @@ import torch
 from peft import LoraConfig
 
 from gora import GoraConfig
-from gora.estimation import accumulation_device, run_estimation
+from gora.devices import accumulation_device
+from gora.estimation import run_estimation
 from gora.targets import resolve_targets
 
 from conftest import make_bert_batches, make_lm_batches, tiny_gpt2

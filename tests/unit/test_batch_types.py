@@ -16,7 +16,8 @@ from peft import LoraConfig
 from transformers import BatchEncoding
 
 from gora import GoraConfig, estimate_gora
-from gora.estimation import batch_size, move_to_device
+from gora.devices import move_to_device
+from gora.estimation import batch_size
 
 from conftest import make_bert_batches
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gora import GoraConfig, GoraState, GoraStateError, estimate_gora, get_gora_model
-from gora.estimation import accumulation_device
+from gora.devices import accumulation_device
 from gora.targets import TargetLayer
 
 
