@@ -25,8 +25,8 @@ from gora.bench.methods import METHODS
 from gora.bench.records import LR_RUN_FIELDS, Record, append_record, cell_key, load_records
 from gora.bench.runner import CellRunner, DataConfig, did_you_mean
 from gora.bench.train import TrainConfig
+from gora.devices import check_device
 from gora.errors import GoraConfigError, GoraDataError, GoraError
-from gora.estimation import check_device
 from gora.progress import progress
 
 logger = logging.getLogger(__name__)

@@ -30,8 +30,8 @@ from gora.bench.train import (
     train_and_evaluate,
 )
 from gora.bench.user_task import load_user_task, supported_table
+from gora.devices import resolve_device
 from gora.errors import GoraConfigError, GoraDataError
-from gora.estimation import resolve_device
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 
 from gora.bench.builders import Batch, BuiltMethod
+from gora.devices import resolve_device
 from gora.errors import GoraConfigError
-from gora.estimation import resolve_device
 from gora.progress import progress as progress_bar
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     gora_config = gora_config_from(args)
     model_dir = model_directory(args.model)
     check_max_length(model_dir, args.max_length)
-    from ..estimation import check_device
+    from ..devices import check_device
 
     device = check_device(args.device)  # resolved once ("auto" → cuda or cpu), before anything loads
     check_not_an_input(args.output, model_dir)
