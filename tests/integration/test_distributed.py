@@ -7,8 +7,8 @@ apply_gora(GoraState.load(dir)) and gets identical adapters, also through a real
 training step. A NaN on one rank stops every rank at once, none waits in a collective. Adaptive γ scores the
 grid on every process's held-out shard, averaged: the γ one process would choose over all of them.
 
-The module runs itself as the launcher: ``python test_distributed.py WORKDIR`` spawns the two ranks,
-which write their results under WORKDIR for the tests to compare.
+The module runs itself as the launcher (tests/launch.py): ``python test_distributed.py WORKDIR`` spawns the two
+ranks, which write their results under WORKDIR for the tests to compare.
 """
 
 from __future__ import annotations
@@ -17,12 +17,8 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +30,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from conftest import _bert_config, make_bert_batches, make_lm_batches, tiny_gpt2  # noqa: E402
+from launch import WORLD, init_group, run_launcher, spawn  # noqa: E402
 
-WORLD = 2
 STEPS = 3  # per process
 CHUNK = 7  # elements per all-reduce call in the chunked run: every sum is split into many chunks, the last one short
 POOLER = "bert.pooler.dense"
@@ -101,12 +97,11 @@ def _adaptive_shard(rank: int) -> list[dict]:
 
 
 # -- the two ranks ---------------------------------------------------------------------------------
-def _rank_main(rank: int, ports: tuple[int, int], workdir: str) -> None:
+def _rank_main(rank: int, workdir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))
+    init_group(rank, workdir, "main")
     try:
         _ddp_estimation(rank, Path(workdir))
         _ddp_uneven_and_chunked(rank, Path(workdir))
@@ -116,8 +111,7 @@ def _rank_main(rank: int, ports: tuple[int, int], workdir: str) -> None:
         dist.destroy_process_group()
     # a fresh group whose collectives time out quickly: a rank left waiting by a failure on the other rank
     # ends with a timeout error after FAILURE_TIMEOUT seconds instead of hanging the test
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[1]}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=FAILURE_TIMEOUT))
+    init_group(rank, workdir, "failure", timeout_s=FAILURE_TIMEOUT)
     try:
         _nan_on_one_rank(rank, Path(workdir))
     finally:
@@ -343,19 +337,8 @@ def _fsdp_apply(rank: int, workdir: Path) -> None:
     save_file(trained, str(workdir / "fsdp" / f"trained{rank}.safetensors"))
 
 
-def _launch(workdir: str) -> None:
-    import torch.multiprocessing as mp
-
-    ports = []
-    for _ in range(2):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-    mp.spawn(_rank_main, args=(tuple(ports), workdir), nprocs=WORLD)
-
-
 if __name__ == "__main__":
-    _launch(sys.argv[1])
+    spawn(_rank_main, sys.argv[1])
 
 
 # -- the tests -------------------------------------------------------------------------------------
@@ -368,10 +351,7 @@ def runs(tmp_path_factory):
     single = estimate_gora(_tiny_bert(), _lora_config(), _all_batches(),
                            gora_config=GoraConfig(num_steps=WORLD * STEPS, show_progress=False))
     single.save(workdir / "single")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, __file__, str(workdir)], env=env, capture_output=True, text=True,
-                            timeout=240)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_launcher(__file__, workdir, timeout=240)
     return workdir
 
 

@@ -4,17 +4,14 @@ Rank 1 starts from another head than rank 0 (as two processes that seeded differ
 broadcast first, and each step's head gradients are averaged over the processes, so both ranks end with the head one
 process gets from the concatenated batches of each step; each rank's own model is put back as it was.
 
-The module runs itself as the launcher: ``python test_head_warmup_distributed.py WORKDIR`` spawns the two ranks.
+The module runs itself as the launcher (tests/launch.py): ``python test_head_warmup_distributed.py WORKDIR`` spawns
+the two ranks.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
@@ -25,8 +22,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from conftest import _bert_config, make_bert_batches  # noqa: E402
+from launch import WORLD, init_group, run_launcher, spawn  # noqa: E402
 
-WORLD = 2
 STEPS = 3  # estimation batches per process, and warm-up steps
 
 
@@ -53,14 +50,13 @@ def _shard(rank: int) -> list[dict]:
     return make_bert_batches(STEPS, seed=30 + rank)
 
 
-def _rank_main(rank: int, port: int, workdir: str) -> None:
+def _rank_main(rank: int, workdir: str) -> None:
     import torch.distributed as dist
 
     from gora import estimate_gora
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))
+    init_group(rank, workdir)
     try:
         model = _tiny_bert()
         if rank == 1:  # another starting head than rank 0's
@@ -75,26 +71,14 @@ def _rank_main(rank: int, port: int, workdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _launch(workdir: str) -> None:
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_rank_main, args=(port, workdir), nprocs=WORLD)
-
-
 if __name__ == "__main__":
-    _launch(sys.argv[1])
+    spawn(_rank_main, sys.argv[1])
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("head_warmup_distributed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, __file__, str(workdir)], env=env, capture_output=True, text=True,
-                            timeout=240)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_launcher(__file__, workdir, timeout=240)
     return workdir
 
 
