@@ -68,7 +68,7 @@ def test_loading_without_progress_shows_no_dequantisation_bar_and_restores_it(mo
 
 
 def test_split_is_disjoint_by_template_seeded_and_test_independent_of_the_other_sizes():
-    from gora.bench.decoder import split_items
+    from gora.bench.gsm_symbolic import split_items
 
     split = split_items(60, 20, 30, seed=0)
     train, val, test = split.train, split.validation, split.test
@@ -86,21 +86,22 @@ def test_split_is_disjoint_by_template_seeded_and_test_independent_of_the_other_
 
 
 def test_keep_train_filter_skips_and_counts():
-    from gora.bench.decoder import split_items
+    from gora.bench.gsm_symbolic import split_items
 
     split = split_items(20, 1, 1, seed=0, keep_train=lambda item: item.template % 2 == 0)
     assert len(split.train) == 20 and split.skipped > 0 and all(i.template % 2 == 0 for i in split.train)
 
 
 def test_overlapping_templates_are_refused():
-    from gora.bench.decoder import split_items
+    from gora.bench.gsm_symbolic import split_items
 
     with pytest.raises(ValueError, match="overlap"):
         split_items(1, 1, 1, train_templates=range(0, 80), held_out_templates=range(70, 100))
 
 
 def test_scorer_round_trip_on_gold_answers():
-    from gora.bench.decoder import final_answer, gsm_dataset, is_correct, split_items
+    from gora.bench.exact_match import final_answer, is_correct
+    from gora.bench.gsm_symbolic import gsm_dataset, split_items
 
     scorer = gsm_dataset(0, 1)
     split = split_items(20, 10, 10, seed=0)
@@ -121,7 +122,8 @@ def test_tokenizer_stops_and_pads_at_im_end(tokenizer, model):
 def test_labels_mask_the_prompt_and_keep_the_answer(tokenizer):
     import torch
 
-    from gora.bench.decoder import collate_train, encode_example, prompt_ids, split_items
+    from gora.bench.gsm_symbolic import split_items
+    from gora.bench.lm_format import collate_train, encode_example, prompt_ids
 
     train = split_items(3, 0, 0, seed=0).train
     examples = [encode_example(tokenizer, item) for item in train]
@@ -139,7 +141,8 @@ def test_labels_mask_the_prompt_and_keep_the_answer(tokenizer):
 @needs_model
 def test_two_step_grid_run_on_smollm2_writes_v2_records_and_resumes(tmp_path, tokenizer, model):
     from gora.bench.builders import MethodConfig
-    from gora.bench.lm_tasks import LMConfig, LMRunner
+    from gora.bench.lm_runner import LMRunner
+    from gora.bench.lm_tasks import LMConfig
     from gora.bench.protocol2 import ArmRunner, protocol_configs, run_arm_grid
     from gora.bench.runner import DataConfig
     from gora.bench.train import TrainConfig

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gora.bench.builders import MethodConfig
-from gora.bench.decoder import collate_prompts, collate_train, final_answer, lenient_answer
+from gora.bench.exact_match import final_answer, lenient_answer
+from gora.bench.lm_format import collate_prompts, collate_train
 from gora.bench.train import TrainConfig
 from gora.errors import GoraConfigError
 
@@ -47,7 +48,7 @@ def _load():
 
 
 def test_answer_loss_is_the_mean_cross_entropy_of_answer_tokens_only():
-    from gora.bench.lm_tasks import answer_loss
+    from gora.bench.lm_scoring import answer_loss
 
     model = tiny_llama()
     examples = [{"input_ids": [1, 4, 9, 10, 0, 1, 5, 6, 0], "labels": [-100] * 7 + [6, 0]},
@@ -71,7 +72,9 @@ def test_answer_loss_is_the_mean_cross_entropy_of_answer_tokens_only():
 
 
 def test_label_word_scoring_sums_each_words_log_likelihood_and_picks_the_highest():
-    from gora.bench.lm_tasks import Evaluation, LabelWordClassification, LMConfig, label_log_likelihoods
+    from gora.bench.lm_scoring import label_log_likelihoods
+    from gora.bench.lm_splits import Evaluation, LabelWordClassification
+    from gora.bench.lm_tasks import LMConfig
 
     model = tiny_llama()
     prompts = [[1, 4, 9, 10, 0, 1, 5], [1, 4, 11, 13, 0, 1, 5], [1, 4, 12, 0, 1, 5]]
@@ -96,7 +99,7 @@ def test_label_word_scoring_sums_each_words_log_likelihood_and_picks_the_highest
 
 
 def test_token_batches_bound_padded_tokens_and_keep_every_index_once():
-    from gora.bench.lm_tasks import token_batches
+    from gora.bench.lm_scoring import token_batches
 
     lengths = [5, 300, 7, 40, 40, 3]
     batches = token_batches(lengths, max_tokens=80)
@@ -138,7 +141,7 @@ def _configs(steps=2):
 
 
 def _runner(data_config, lm_config, selection_seeds=(100, 101)):
-    from gora.bench.lm_tasks import LMRunner
+    from gora.bench.lm_runner import LMRunner
     from gora.bench.protocol2 import ArmRunner
 
     train, method = _configs()
@@ -216,7 +219,8 @@ def test_head_warmup_arms_are_refused_on_causal_lm_tasks_before_anything_is_writ
     with pytest.raises(GoraConfigError, match="no new head"):
         run_arm_grid(["lora", "gora_head_warmup"], ["gsm_symbolic"], [0], out_dir=out)
     assert not out.exists()
-    from gora.bench.lm_tasks import LMConfig, LMRunner
+    from gora.bench.lm_runner import LMRunner
+    from gora.bench.lm_tasks import LMConfig
     from gora.bench.runner import DataConfig
 
     train, method = _configs()

@@ -51,7 +51,8 @@ from gora.bench.grid import (
     check_settings,
     grid_settings,
 )
-from gora.bench.lm_tasks import LMConfig, LMRunner, check_lm_arms, is_lm_task
+from gora.bench.lm_runner import LMRunner
+from gora.bench.lm_tasks import LMConfig, check_lm_arms, is_lm_task
 from gora.bench.records import Record, cell_key, load_records, save_records
 from gora.bench.runner import CellRunner, DataConfig
 from gora.bench.train import TrainConfig

@@ -112,7 +112,7 @@ class DataConfig:
 
     def check_sources(self, names: Sequence[str]) -> None:
         """:meth:`check`, then refuse built-in tasks whose data (export, package, sdist) is not available, and
-        causal-LM tasks (their runner, :class:`gora.bench.lm_tasks.LMRunner`, checks its own sources)."""
+        causal-LM tasks (their runner, :class:`gora.bench.lm_runner.LMRunner`, checks its own sources)."""
         self.check(names)
         lm = [n for n in dict.fromkeys(names) if n in LM_TASKS and n not in self.user_tasks]
         if lm:
