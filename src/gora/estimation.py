@@ -32,10 +32,6 @@ from .targets import TargetLayer, unwrap_model
 
 logger = logging.getLogger(__name__)
 
-# Transitional, not part of this module: the command line and gora.bench still import check_device and
-# resolve_device from here. Delete this import once they import them from gora.devices.
-from .devices import check_device, resolve_device  # noqa: E402, F401
-
 
 @dataclass
 class EstimationRun:

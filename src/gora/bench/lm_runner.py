@@ -37,8 +37,8 @@ from gora.bench.train import (
     reset_peak_memory,
     shuffled_batches,
 )
+from gora.devices import resolve_device
 from gora.errors import GoraConfigError
-from gora.estimation import resolve_device
 
 logger = logging.getLogger(__name__)
 
