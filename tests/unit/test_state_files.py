@@ -123,6 +123,23 @@ def _without_checksums(data: bytes) -> dict:
     return {k: v for k, v in json.loads(data).items() if k not in ("tensors_sha256", "tensors_bytes", "meta_sha256")}
 
 
+def test_the_files_schema_is_the_dataclass_fields(tmp_path):
+    """Every GoraState field says where it is stored; the JSON holds exactly the JSON fields (plus the format's
+    header and checksums), the tensor file exactly the tensor fields' prefixes."""
+    from gora.state import STORED, InJson, InTensors
+
+    stored = {spec.name: spec.metadata[STORED] for spec in dataclasses.fields(GoraState)}
+    assert all(isinstance(where, (InJson, InTensors)) for where in stored.values())
+    full_state().save(tmp_path / "state")
+    meta = json.loads((tmp_path / "state" / META_FILE).read_text())
+    header = {"format", "format_version", "meta_sha256", "tensors_sha256", "tensors_bytes"}
+    assert set(meta) - header == {name for name, where in stored.items() if isinstance(where, InJson)}
+    from safetensors.torch import load_file
+
+    prefixes = {key.split("::")[0] + "::" for key in load_file(str(tmp_path / "state" / TENSOR_FILE))}
+    assert prefixes == {where.prefix for where in stored.values() if isinstance(where, InTensors)}
+
+
 # -- interrupted saves ---------------------------------------------------------------------------
 def _half_written_tensors(monkeypatch, error: BaseException):
     real = gora.state.save_file
@@ -458,6 +475,42 @@ def test_foreign_or_future_json_is_refused(saved, edit, message):
     (saved / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(GoraStateError, match=message):
         GoraState.load(saved)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"ranks": {"enc.0.q": 2.7, "enc.0.v": 3, "enc.1.q": 0}},
+     r"malformed \(ranks: expected an integer >= 0, got 2\.7\)"),
+    ({"reference_rank": 0}, r"malformed \(reference_rank: expected an integer >= 1, got 0\)"),
+    ({"skipped": {"enc.1.q": 3}}, r"malformed \(skipped: expected a string, got 3\)"),
+    ({"notes": []}, r"malformed \(notes: expected an object, got \[\]\)"),
+])
+def test_a_malformed_value_is_reported_with_its_field(saved, edit, message):
+    meta = json.loads((saved / META_FILE).read_text())
+    meta.update(edit)
+    meta["meta_sha256"] = gora.state._metadata_checksum(meta)  # edited with care: the checksum fits
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(GoraStateError, match=message + "; re-run estimate_gora"):
+        GoraState.load(saved)
+
+
+@pytest.mark.parametrize("key", ["ranks", "importance", "shapes", "reference_rank", "lora_alpha", "gamma", "seed"])
+def test_a_file_without_a_required_field_is_reported_as_damaged(saved, key):
+    meta = json.loads((saved / META_FILE).read_text())
+    del meta[key]
+    meta["meta_sha256"] = gora.state._metadata_checksum(meta)
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(GoraStateError, match=f"lacks '{key}'; the file is damaged"):
+        GoraState.load(saved)
+
+
+def test_a_file_written_before_a_field_existed_loads_with_the_field_s_default(saved):
+    meta = json.loads((saved / META_FILE).read_text())
+    for key in ("init_stats", "skipped", "notes", "peak_memory_bytes"):
+        del meta[key]
+    meta["meta_sha256"] = gora.state._metadata_checksum(meta)
+    (saved / META_FILE).write_text(json.dumps(meta))
+    loaded = GoraState.load(saved)
+    assert (loaded.init_stats, loaded.skipped, loaded.notes, loaded.peak_memory_bytes) == ({}, {}, {}, 0)
 
 
 def test_a_state_of_a_newer_format_names_the_gora_peft_version_that_reads_it(saved):
