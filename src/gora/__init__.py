@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from .versions import __version__  # its one home: versions.py (no torch there)
 
 _EXPORTS = {
     "GoraConfig": "config",

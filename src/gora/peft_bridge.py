@@ -1,55 +1,39 @@
-"""From a ``GoraState`` to a plain ``peft.PeftModel``, and portable export.
+"""From a ``GoraState`` to a plain ``peft.PeftModel``.
 
 Native model: the user's LoraConfig with ``use_rslora=True``, exact target names, and
 ``rank_pattern``/``alpha_pattern`` per layer; PEFT builds the layers, gora copies A and B in.
-Portable export: ``r`` = max rank, one global scaling of 1, per-layer scaling folded into
-``lora_B``, ``use_rslora=False``: read the same way by vanilla PEFT and vLLM.
+Saving the adapter (native, portable and uniform-rank forms) is :mod:`gora.export`'s; its names stay importable
+from here.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import os
 import re
-from pathlib import Path
-from typing import Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .atomic import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR_FILE, atomic_directory
 from .config import check_lora_config
-from .errors import GoraConfigError, GoraStateError, GoraTargetError, GoraTypeError, GoraUnsupportedError
+from .errors import GoraStateError, GoraTargetError, GoraTypeError, GoraUnsupportedError
+from .export import SIDECAR_VERSION as SIDECAR_VERSION
+from .export import export_adapter as export_adapter
+from .export import lora_layers as lora_layers
+from .export import read_sidecar as read_sidecar
 from .head_warmup import check_head_fits, copy_head_into
 from .initialization import b_from_c
-from .peft_compat import expanded_lora_config, is_target, refuse_adapter_layers
-from .serving import serving_hint
+from .peft_compat import expanded_lora_config, inner_model, is_target, pattern_keys, refuse_adapter_layers
 from .state import GoraState
 from .targets import _describe, unwrap_model
-from .versions import package_versions
 
 logger = logging.getLogger(__name__)
 
-SIDECAR_VERSION = 1
-
 
 # -- naming ----------------------------------------------------------------------------------
-def pattern_keys(names: list[str]) -> dict[str, str]:
-    """rank_pattern key per exact name. PEFT matches keys as ``(.*\\.)?key$``, so a name that is a
-    dotted suffix of another target would also match it: anchor such a key with ``^``."""
-    keys = {}
-    for name in names:
-        shadows = any(other != name and other.endswith("." + name) for other in names)
-        keys[name] = f"^{name}" if shadows else name
-    return keys
-
-
 def target_modules_for(base: nn.Module, names: list[str]) -> list[str] | str:
     """Exact names; a full-match regex only when a name is a dotted suffix of a module we must not adapt."""
     chosen = set(names)
@@ -210,13 +194,8 @@ def _snapshot(model: nn.Module):
     return restore
 
 
-def _inner_model(peft_model: nn.Module) -> nn.Module:
-    """The user's model inside a ``PeftModel`` (``peft_model.base_model.model``)."""
-    return cast(nn.Module, cast(nn.Module, peft_model.base_model).model)
-
-
 def _copy_adapter_weights(peft_model: PeftModel, weights: dict, adapter_name: str) -> None:
-    modules = dict(_inner_model(peft_model).named_modules())
+    modules = dict(inner_model(peft_model).named_modules())
     for name, (a, b) in weights.items():
         layer = modules[name]
         lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
@@ -226,170 +205,3 @@ def _copy_adapter_weights(peft_model: PeftModel, weights: dict, adapter_name: st
         with torch.no_grad():
             lora_a.copy_(a.to(device=lora_a.device, dtype=lora_a.dtype))
             lora_b.copy_(b.to(device=lora_b.device, dtype=lora_b.dtype))
-
-
-# -- export ------------------------------------------------------------------------------------
-def lora_layers(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, tuple[int, float]]:
-    """{module name: (rank, forward scaling)} read off the model's LoRA layers themselves."""
-    layers = {}
-    for name, module in _inner_model(peft_model).named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if isinstance(lora_a, nn.ModuleDict) and adapter_name in lora_a:
-            rank = int(cast(nn.Linear, lora_a[adapter_name]).weight.shape[0])
-            layers[name] = (rank, float(cast(dict, module.scaling)[adapter_name]))
-    return layers
-
-
-def export_adapter(
-    peft_model: PeftModel, path: str | os.PathLike, portable: bool = True, *, pad_to_max_rank: bool = False,
-    state: GoraState | None = None, adapter_name: str = "default",
-) -> Path:
-    """Save the adapter; ``portable=True`` writes the form vanilla PEFT and vLLM read the same way.
-
-    Portable: ``r`` = max rank, ``lora_alpha`` = ``r`` (global scaling 1), ``rank_pattern`` and
-    ``alpha_pattern`` = r_i, ``use_rslora=False``, each ``lora_B`` multiplied by its native scaling
-    (α/√r_i) in fp32. ``pad_to_max_rank=True`` (with ``portable``) also zero-pads every layer's ``lora_A`` rows and
-    ``lora_B`` columns to the max rank and writes no ``rank_pattern``/``alpha_pattern``: one rank and one scaling
-    for every layer, the form servers that assume a global rank read (SGLang; vLLM ≤ 0.31), with the same outputs.
-    All forms add a ``gora_config.json`` sidecar (ignored by PEFT and vLLM). The write is atomic: ``path`` is
-    replaced only when everything is written.
-
-    Args:
-        state: the GoraState the model was built from, for the sidecar (ranks, importances, budget); default
-            ``peft_model.gora_state``, which :func:`apply_gora` sets. Without either, the sidecar holds the ranks
-            read off the model's layers.
-    """
-    if not isinstance(peft_model, PeftModel):
-        raise GoraTypeError(f"export_adapter needs a peft.PeftModel (from apply_gora or get_gora_model), "
-                            f"got {type(peft_model).__name__}.")
-    config = peft_model.peft_config.get(adapter_name)
-    if not isinstance(config, LoraConfig):
-        raise GoraUnsupportedError(f"adapter {adapter_name!r} is not a LoRA adapter; nothing to export.")
-    if portable and config.use_dora:
-        raise GoraUnsupportedError("DoRA adapters have no portable rsLoRA-free form; export with portable=False.")
-    if pad_to_max_rank and not portable:
-        raise GoraConfigError("pad_to_max_rank=True pads the portable form (one global scaling); pass portable=True, "
-                              "or leave pad_to_max_rank False for the native form.")
-    if state is not None and not isinstance(state, GoraState):
-        raise GoraTypeError(f"state must be a GoraState or None, got {type(state).__name__}.")
-    state = state if state is not None else getattr(peft_model, "gora_state", None)
-    layers = lora_layers(peft_model, adapter_name)
-    with atomic_directory(path) as tmp:
-        peft_model.save_pretrained(str(tmp), selected_adapters=[adapter_name])
-        saved = tmp if adapter_name == "default" else tmp / adapter_name
-        if portable:
-            _make_portable(saved, layers, pad_to_max_rank)
-            if config.modules_to_save:
-                logger.warning("the adapter carries modules_to_save %s: vanilla PEFT needs them, vLLM rejects them.",
-                               sorted(config.modules_to_save))
-        logger.warning("exported adapter with %s", serving_hint(max(r for r, _ in layers.values())))
-        _write_sidecar(saved / SIDECAR_FILE, layers, state, portable, pad_to_max_rank)
-    return Path(path)
-
-
-def _make_portable(directory: Path, layers: dict[str, tuple[int, float]], pad: bool) -> None:
-    r_max = max(rank for rank, _ in layers.values())
-    weights = load_file(str(directory / ADAPTER_WEIGHTS))
-    for key, tensor in weights.items():
-        if key.endswith(".lora_B.weight"):
-            name = key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
-            tensor = (tensor.double() * layers[name][1]).to(tensor.dtype)  # fold α/√r_i into B
-            if pad:  # zero columns: B_pad A_pad = B A
-                tensor = torch.nn.functional.pad(tensor, (0, r_max - tensor.shape[1]))
-        elif pad and key.endswith(".lora_A.weight"):  # zero rows
-            tensor = torch.nn.functional.pad(tensor, (0, 0, 0, r_max - tensor.shape[0]))
-        weights[key] = tensor.contiguous()
-    save_file(weights, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config_path = directory / ADAPTER_CONFIG
-    config = json.loads(config_path.read_text())
-    keys = pattern_keys(sorted(layers))
-    config.update(r=r_max, lora_alpha=r_max, use_rslora=False, init_lora_weights=True,
-                  rank_pattern={} if pad else {keys[n]: rank for n, (rank, _) in layers.items()},
-                  alpha_pattern={} if pad else {keys[n]: rank for n, (rank, _) in layers.items()})  # alpha_i/r_i = 1
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
-
-
-def _write_sidecar(path: Path, layers: dict, state: GoraState | None, portable: bool, uniform_rank: bool) -> None:
-    sidecar: dict[str, Any] = {
-        "format": "gora-adapter",
-        "format_version": SIDECAR_VERSION,
-        "portable": portable,
-        "uniform_rank": uniform_rank,
-        "native_scalings": {n: s for n, (_, s) in sorted(layers.items())},
-        "versions": package_versions(),
-    }
-    if state is None:
-        sidecar["ranks"] = {n: r for n, (r, _) in sorted(layers.items())}
-    else:
-        sidecar |= {
-            "ranks": dict(sorted(state.ranks.items())), "importance": dict(sorted(state.importance.items())),
-            "skipped": state.skipped, "budget": state.budget, "actual_params": state.actual_params,
-            "r": state.reference_rank, "lora_alpha": state.lora_alpha, "gamma": state.gamma,
-            "gora_config": state.config, "num_steps": state.num_steps, "num_samples": state.num_samples,
-            "seed": state.seed, "estimation_versions": state.versions,
-        }
-    path.write_text(json.dumps(sidecar, indent=2, sort_keys=True))
-
-
-def read_sidecar(directory: str | os.PathLike) -> dict[str, Any]:
-    """The ``gora_config.json`` of an exported adapter, checked: what ``gora inspect`` shows of an adapter.
-
-    Raises:
-        GoraStateError: the file is missing, not JSON, of a newer format, or holds values of the wrong type.
-    """
-    from .state import _version_refusal
-
-    path = Path(directory) / SIDECAR_FILE
-    try:
-        meta = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise GoraStateError(f"{path} is missing; {path.parent} is not an adapter written by export_adapter "
-                             "(gora export).") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise GoraStateError(f"{path} cannot be read as JSON ({error}); export the adapter again.") from None
-    if not isinstance(meta, dict) or meta.get("format") != "gora-adapter":
-        raise GoraStateError(f"{path} is not a gora adapter sidecar; export the adapter again.")
-    if meta.get("format_version") != SIDECAR_VERSION:
-        raise GoraStateError(_version_refusal(path, meta.get("format_version"), meta.get("versions"),
-                                              SIDECAR_VERSION, "export the adapter again"))
-    try:
-        checked: dict[str, Any] = {"ranks": _mapping(meta["ranks"], _count)}
-        for key, read in (("importance", lambda v: _mapping(v, _number)), ("skipped", lambda v: _mapping(v, _text)),
-                          ("budget", _count), ("actual_params", _count), ("r", _count), ("num_steps", _count),
-                          ("num_samples", _count), ("gamma", _number), ("portable", _flag),
-                          ("uniform_rank", _flag)):
-            if key in meta:
-                checked[key] = read(meta[key])
-    except (KeyError, TypeError, ValueError, OverflowError) as error:
-        raise GoraStateError(f"{path} is damaged ({error}); export the adapter again.") from None
-    return checked
-
-
-def _mapping(value: Any, read) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ValueError(f"expected an object, got {value!r}")
-    return {str(k): read(v) for k, v in value.items()}
-
-
-def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"expected an integer >= 0, got {value!r}")
-    return value
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ValueError(f"expected a finite number, got {value!r}")
-    return float(value)
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {value!r}")
-    return value
-
-
-def _flag(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return value

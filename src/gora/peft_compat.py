@@ -13,6 +13,21 @@ from torch import nn
 from .errors import GoraTargetError
 
 
+def pattern_keys(names: list[str]) -> dict[str, str]:
+    """rank_pattern key per exact name. PEFT matches keys as ``(.*\\.)?key$``, so a name that is a
+    dotted suffix of another target would also match it: anchor such a key with ``^``."""
+    keys = {}
+    for name in names:
+        shadows = any(other != name and other.endswith("." + name) for other in names)
+        keys[name] = f"^{name}" if shadows else name
+    return keys
+
+
+def inner_model(peft_model: nn.Module) -> nn.Module:
+    """The user's model inside a ``PeftModel`` (``peft_model.base_model.model``)."""
+    return cast(nn.Module, cast(nn.Module, peft_model.base_model).model)
+
+
 def expanded_lora_config(model: nn.Module, lora_config: LoraConfig) -> LoraConfig:
     """A copy of ``lora_config`` with ``all-linear`` and a missing ``target_modules`` resolved as PEFT does."""
     config = copy.deepcopy(lora_config)

@@ -2,14 +2,22 @@
 
 The state holds A_i (r_i × in) and C_i = Ḡ_i A_iᵀ(A_i A_iᵀ)⁻¹ (out × r_i) in fp32; B_i = −(γ√in/α)·C_i
 is formed at apply time, so γ and α can change without re-estimating.
+
+The files' schema is the dataclass itself: each field's metadata says where it is stored (a key of
+``gora_state.json`` with its check on load, or tensors of ``gora_state.safetensors`` under a key prefix), and save
+and load walk ``dataclasses.fields``. The module stays whole for that reason: the fields, the code that writes them
+and the code that reads them back are one format.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,48 +38,82 @@ from .atomic import (
 )
 from .config import field_default
 from .errors import GoraStateError, GoraTypeError
+from .json_fields import integer, is_shape, json_object, mapping, number, read_fields, shape, text
+from .versions import format_version_refusal
 
 FORMAT_VERSION = 1
 
 
+# -- where each field is stored: the files' schema, in the fields' metadata ------------------------------------
+@dataclass(frozen=True)
+class InJson:
+    """A field stored in ``gora_state.json`` under its own name, as JSON; ``read`` checks it on load."""
+
+    read: Callable[[Any], Any]
+    required: bool = False
+    """A file without the key is damaged; without ``required``, a missing key gives the field's default (a file
+    written before the field existed)."""
+
+
+@dataclass(frozen=True)
+class InTensors:
+    """A ``{name: tensor}`` field stored in ``gora_state.safetensors`` as ``prefix + name``."""
+
+    prefix: str
+    layer_factors: bool
+    """A and C: only the adapted layers' tensors are written, in fp32; else every tensor, in its own dtype."""
+
+
+STORED = "gora_state"
+"""The field-metadata key that holds a field's ``InJson`` or ``InTensors``."""
+
+
+def _in_json(read: Callable[[Any], Any], *, required: bool = False) -> dict[str, InJson]:
+    return {STORED: InJson(read, required)}
+
+
+def _in_tensors(prefix: str, *, layer_factors: bool) -> dict[str, InTensors]:
+    return {STORED: InTensors(prefix, layer_factors)}
+
+
 @dataclass
 class GoraState:
-    ranks: dict[str, int]
+    ranks: dict[str, int] = field(metadata=_in_json(mapping(integer), required=True))
     """Module name (relative to the base model) → allocated rank; 0 means left un-adapted."""
-    importance: dict[str, float]
+    importance: dict[str, float] = field(metadata=_in_json(mapping(number), required=True))
     """Module name → importance score (layers that got a gradient)."""
-    shapes: dict[str, tuple[int, int]]
-    """Module name → (out, in) of its weight, PEFT orientation."""
-    A: dict[str, Tensor] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, int]] = field(metadata=_in_json(mapping(shape), required=True))
+    """Module name → (out, in) of its weight, PEFT orientation (a JSON list)."""
+    A: dict[str, Tensor] = field(default_factory=dict, metadata=_in_tensors("A::", layer_factors=True))
     """lora_A per adapted layer, (r_i, in), fp32."""
-    C: dict[str, Tensor] = field(default_factory=dict)
+    C: dict[str, Tensor] = field(default_factory=dict, metadata=_in_tensors("C::", layer_factors=True))
     """Least-squares factor per adapted layer, (out, r_i), fp32: B = −(γ√in/α)·C."""
-    skipped: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict, metadata=_in_json(mapping(text)))
     """Matched modules left out, with the reason (``"no gradient"``, tied embeddings, ...)."""
-    reference_rank: int = 8
-    lora_alpha: float = 16.0
-    gamma: float = field_default("gamma")
-    seed: int = 0
-    config: dict[str, Any] = field(default_factory=dict)
+    reference_rank: int = field(default=8, metadata=_in_json(partial(integer, minimum=1), required=True))
+    lora_alpha: float = field(default=16.0, metadata=_in_json(partial(number, positive=True), required=True))
+    gamma: float = field(default=field_default("gamma"), metadata=_in_json(number, required=True))
+    seed: int = field(default=0, metadata=_in_json(integer, required=True))
+    config: dict[str, Any] = field(default_factory=dict, metadata=_in_json(json_object))
     """The ``GoraConfig`` used, as a dict."""
-    num_steps: int = 0
+    num_steps: int = field(default=0, metadata=_in_json(integer))
     """Estimation steps actually used (summed over processes)."""
-    num_samples: int = 0
-    budget: int = 0
+    num_samples: int = field(default=0, metadata=_in_json(integer))
+    budget: int = field(default=0, metadata=_in_json(integer))
     """LoRA's parameter count at the reference rank over the estimated layers."""
-    actual_params: int = 0
+    actual_params: int = field(default=0, metadata=_in_json(integer))
     """Parameters the allocated ranks cost."""
-    estimation_seconds: float = 0.0
-    peak_memory_bytes: int = 0
-    versions: dict[str, str] = field(default_factory=dict)
-    model_class: str = ""
-    notes: dict[str, Any] = field(default_factory=dict)
+    estimation_seconds: float = field(default=0.0, metadata=_in_json(number))
+    peak_memory_bytes: int = field(default=0, metadata=_in_json(integer))
+    versions: dict[str, str] = field(default_factory=dict, metadata=_in_json(mapping(text)))
+    model_class: str = field(default="", metadata=_in_json(text))
+    notes: dict[str, Any] = field(default_factory=dict, metadata=_in_json(json_object))
     """Diagnostics: early stop of adaptive steps, the adaptive-gamma scan, fp16 loss scale."""
-    init_stats: dict[str, Any] = field(default_factory=dict)
+    init_stats: dict[str, Any] = field(default_factory=dict, metadata=_in_json(json_object))
     """The initial step: ``relative_delta`` (‖ΔW₀‖_F/‖W₀‖_F over adapted layers), ``per_layer``, ``loss_w0`` and
     ``loss_after`` (held-out loss at W₀ and after initialisation; None without held-out batches), ``loss_se``,
     ``gamma``. Empty for states saved before these diagnostics existed."""
-    head: dict[str, Tensor] = field(default_factory=dict)
+    head: dict[str, Tensor] = field(default_factory=dict, metadata=_in_tensors("H::", layer_factors=False))
     """The warmed head (``GoraConfig.head_warmup_steps``): parameter name (relative to the base model) → tensor,
     in the parameter's dtype; ``apply_gora`` copies it into PEFT's trainable copy. Empty without warm-up."""
 
@@ -133,9 +175,7 @@ class GoraState:
             json.dumps(meta)
         except (TypeError, ValueError, RecursionError) as error:
             raise GoraStateError(f"the state's config or notes cannot be written as JSON ({error}).") from None
-        tensors = {f"A::{n}": self.A[n].detach().float().cpu().contiguous() for n in self.adapted}
-        tensors |= {f"C::{n}": self.C[n].detach().float().cpu().contiguous() for n in self.adapted}
-        tensors |= {f"H::{n}": t.detach().cpu().contiguous() for n, t in self.head.items()}
+        tensors = self._tensors()
         with atomic_directory(directory) as tmp:
             save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": "gora", "version": str(FORMAT_VERSION)})
             meta["tensors_sha256"] = sha256_file(tmp / TENSOR_FILE)
@@ -145,29 +185,20 @@ class GoraState:
         return Path(directory)
 
     def _metadata(self) -> dict[str, Any]:
-        return {
-            "format": "gora-state",
-            "format_version": FORMAT_VERSION,
-            "ranks": self.ranks,
-            "importance": self.importance,
-            "shapes": {n: list(s) for n, s in self.shapes.items()},
-            "skipped": self.skipped,
-            "reference_rank": self.reference_rank,
-            "lora_alpha": self.lora_alpha,
-            "gamma": self.gamma,
-            "seed": self.seed,
-            "config": self.config,
-            "num_steps": self.num_steps,
-            "num_samples": self.num_samples,
-            "budget": self.budget,
-            "actual_params": self.actual_params,
-            "estimation_seconds": self.estimation_seconds,
-            "peak_memory_bytes": self.peak_memory_bytes,
-            "versions": self.versions,
-            "model_class": self.model_class,
-            "notes": self.notes,
-            "init_stats": self.init_stats,
-        }
+        """The JSON fields, under their own names, after the format's header (checksums are added by ``save``)."""
+        meta: dict[str, Any] = {"format": "gora-state", "format_version": FORMAT_VERSION}
+        return meta | {spec.name: getattr(self, spec.name) for spec, _ in _stored(InJson)}
+
+    def _tensors(self) -> dict[str, Tensor]:
+        """The tensor fields, each name under its field's prefix, on the CPU."""
+        tensors: dict[str, Tensor] = {}
+        for spec, where in _stored(InTensors):
+            values: dict[str, Tensor] = getattr(self, spec.name)
+            if where.layer_factors:
+                tensors |= {where.prefix + n: values[n].detach().float().cpu().contiguous() for n in self.adapted}
+            else:
+                tensors |= {where.prefix + n: t.detach().cpu().contiguous() for n, t in values.items()}
+        return tensors
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> GoraState:
@@ -189,34 +220,16 @@ class GoraState:
             raise GoraStateError(f"cannot read {path} ({error.strerror or error}); check the path and its "
                                  "permissions.") from None
         tensors = _read_tensors(path / TENSOR_FILE, meta)
-        try:
-            state = cls(
-                ranks=_str_dict(meta, "ranks", lambda v: _int(v, minimum=0)),
-                importance=_str_dict(meta, "importance", _float),
-                shapes=_str_dict(meta, "shapes", _shape),
-                A={k[3:]: v for k, v in tensors.items() if k.startswith("A::")},
-                C={k[3:]: v for k, v in tensors.items() if k.startswith("C::")},
-                head={k[3:]: v for k, v in tensors.items() if k.startswith("H::")},
-                skipped=_str_dict(meta, "skipped", _str, default={}),
-                reference_rank=_int(meta["reference_rank"], minimum=1),
-                lora_alpha=_float(meta["lora_alpha"], positive=True),
-                gamma=_float(meta["gamma"]),
-                seed=_int(meta["seed"], minimum=0),
-                config=_dict(meta.get("config", {})),
-                num_steps=_int(meta.get("num_steps", 0), minimum=0),
-                num_samples=_int(meta.get("num_samples", 0), minimum=0),
-                budget=_int(meta.get("budget", 0), minimum=0),
-                actual_params=_int(meta.get("actual_params", 0), minimum=0),
-                estimation_seconds=_float(meta.get("estimation_seconds", 0.0)),
-                peak_memory_bytes=_int(meta.get("peak_memory_bytes", 0), minimum=0),
-                versions=_str_dict(meta, "versions", _str, default={}),
-                model_class=_str(meta.get("model_class", "")),
-                notes=_dict(meta.get("notes", {})),
-                init_stats=_dict(meta.get("init_stats", {})),
-            )
-        except (KeyError, TypeError, ValueError, OverflowError) as error:
+        values: dict[str, Any] = {}
+        for spec, where in _stored(InTensors):
+            values[spec.name] = {k[len(where.prefix):]: v for k, v in tensors.items() if k.startswith(where.prefix)}
+        try:  # a key the file lacks gives the field's default (required keys were checked by _read_metadata)
+            values |= read_fields(meta, {spec.name: where.read for spec, where in _stored(InJson)})
+        except ValueError as error:
             raise GoraStateError(f"{path / META_FILE} is malformed ({error}); re-run estimate_gora.") from None
-        unexpected = sorted((set(state.A) | set(state.C)) - set(state.adapted))
+        state = cls(**values)
+        factors = {name for spec, where in _stored(InTensors) if where.layer_factors for name in values[spec.name]}
+        unexpected = sorted(factors - set(state.adapted))
         if unexpected:
             raise GoraStateError(f"{path / TENSOR_FILE} holds tensors for {unexpected[:5]}, which the state does "
                                  "not adapt; the files do not belong together. Re-run estimate_gora.")
@@ -235,15 +248,15 @@ class GoraState:
             if isinstance(rank, bool) or not isinstance(rank, int):
                 problems.append(f"{name}: rank {rank!r} is not an integer")
                 continue
-            shape = self.shapes.get(name)
-            if not _is_shape(shape):
-                problems.append(f"{name}: no (out, in) shape" if shape is None else f"{name}: bad shape {shape!r}")
+            dims = self.shapes.get(name)
+            if not is_shape(dims):
+                problems.append(f"{name}: no (out, in) shape" if dims is None else f"{name}: bad shape {dims!r}")
                 continue
             if rank < 0:
                 problems.append(f"{name}: negative rank {rank}")
             if rank <= 0:
                 continue
-            out_f, in_f = shape  # type: ignore[misc]  # None was reported and skipped above
+            out_f, in_f = dims  # type: ignore[misc]  # None was reported and skipped above
             a, c = self.A.get(name), self.C.get(name)
             if not isinstance(a, Tensor) or not isinstance(c, Tensor):
                 problems.append(f"{name}: missing A or C")
@@ -262,6 +275,18 @@ class GoraState:
                 problems.append(f"head {name}: not a finite floating-point tensor")
         if problems:
             raise GoraStateError(f"inconsistent GoraState: {'; '.join(problems[:5])}. Re-run estimate_gora.")
+
+
+# -- the schema, read off the fields --------------------------------------------------------------------------
+def _stored(kind: type[InJson] | type[InTensors]) -> list[tuple[dataclasses.Field, Any]]:
+    """GoraState's fields stored as ``kind``, each with its ``InJson`` or ``InTensors``: the schema of the files."""
+    return [(spec, spec.metadata[STORED]) for spec in dataclasses.fields(GoraState)
+            if isinstance(spec.metadata[STORED], kind)]
+
+
+REQUIRED_KEYS = ("meta_sha256", "tensors_sha256", "tensors_bytes",
+                 *(spec.name for spec, where in _stored(InJson) if where.required))
+"""The keys without which ``gora_state.json`` is damaged: its checksums and the required fields."""
 
 
 # -- reading, strictly: a damaged file gives GoraStateError, never a stray KeyError or TypeError ----------------
@@ -293,8 +318,9 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != "gora-state":
         raise GoraStateError(f"{meta_path} is not a GoRA state file.")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise GoraStateError(_version_refusal(meta_path, meta.get("format_version"), meta.get("versions")))
-    for key in ("meta_sha256", "tensors_sha256", "tensors_bytes", "ranks", "shapes"):
+        raise GoraStateError(format_version_refusal(meta_path, meta.get("format_version"), meta.get("versions"),
+                                                    FORMAT_VERSION, "re-run estimate_gora"))
+    for key in REQUIRED_KEYS:
         if key not in meta:
             raise GoraStateError(f"{meta_path} lacks {key!r}; the file is damaged. Re-run estimate_gora.")
     try:
@@ -305,25 +331,6 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         raise GoraStateError(f"{meta_path} does not match its own checksum (edited or corrupted); "
                              "re-run estimate_gora and save the state again.")
     return meta
-
-
-def _version_refusal(meta_path: Path, version: Any, versions: Any, supported: int = FORMAT_VERSION,
-                     redo: str = "re-run estimate_gora") -> str:
-    """What to do about a file of another format version (``supported`` is the one this gora reads): the gora-peft
-    that wrote it (from the file's ``versions``), or ``redo`` with this version."""
-    from . import __version__
-
-    writer = versions.get("gora-peft") if isinstance(versions, dict) else None
-    writer = writer if isinstance(writer, str) and writer not in ("", "not installed") else None
-    newer = isinstance(version, int) and not isinstance(version, bool) and version > supported
-    if newer:
-        reader = f"gora-peft {writer}" if writer else "the newer gora-peft that wrote it"
-        upgrade = f"pip install 'gora-peft>={writer}'" if writer else "pip install --upgrade gora-peft"
-        return (f"{meta_path} has format version {version}, written by {reader}; this gora-peft {__version__} reads "
-                f"format version {supported}. Read it with {reader} ({upgrade}), or {redo} with this version.")
-    return (f"{meta_path} has format version {version!r}; this gora-peft {__version__} reads format version "
-            f"{supported}. {redo[0].upper()}{redo[1:]} with this version"
-            f"{f' (or read it with gora-peft {writer}, which wrote it)' if writer else ''}.")
 
 
 def _read_tensors(tensor_path: Path, meta: dict[str, Any]) -> dict[str, Tensor]:
@@ -344,51 +351,3 @@ def _read_tensors(tensor_path: Path, meta: dict[str, Any]) -> dict[str, Tensor]:
         return safetensors_load(data)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
         raise GoraStateError(f"cannot read {tensor_path}: {error}. Re-run estimate_gora.") from None
-
-
-def _int(value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _float(value: Any, *, positive: bool = False) -> float:
-    """A finite number (an integer beyond float's range, such as 1 followed by 400 zeros, is refused too)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"expected a number, got {value!r}")
-    try:
-        number = float(value)
-    except OverflowError:
-        raise ValueError(f"expected a number within float's range, got an integer of {len(str(value))} digits") \
-            from None
-    if not math.isfinite(number) or (positive and number <= 0):
-        raise ValueError(f"expected a finite number{' > 0' if positive else ''}, got {number!r}")
-    return number
-
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {value!r}")
-    return value
-
-
-def _dict(value: Any) -> dict:
-    if not isinstance(value, dict):
-        raise ValueError(f"expected an object, got {value!r}")
-    return value
-
-
-def _is_shape(value: Any) -> bool:
-    return (isinstance(value, (list, tuple)) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value))
-
-
-def _shape(value: Any) -> tuple[int, int]:
-    if not _is_shape(value):
-        raise ValueError(f"expected an (out, in) pair of positive integers, got {value!r}")
-    return (value[0], value[1])
-
-
-def _str_dict(meta: dict[str, Any], key: str, convert, default: dict | None = None) -> dict:
-    value = meta.get(key, default) if default is not None else meta[key]
-    return {k: convert(v) for k, v in _dict(value).items()}

@@ -15,8 +15,8 @@ import torch
 from peft import LoraConfig, PeftModel
 
 from gora import GoraConfig, GoraState, apply_gora, estimate_gora, export_adapter
-from gora.errors import GoraConfigError, GoraTypeError
-from gora.peft_bridge import read_sidecar
+from gora.errors import GoraConfigError, GoraStateError, GoraTypeError
+from gora.export import read_sidecar
 from gora.serving import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
 
 from conftest import make_lm_batches, tiny_llama
@@ -172,6 +172,23 @@ def test_a_reloaded_model_exports_with_the_state_passed_or_the_layers_ranks(expo
     assert read_sidecar(tmp_path / "with_state")["importance"] == pytest.approx(state.importance)
     with pytest.raises(GoraTypeError, match="state must be a GoraState"):
         export_adapter(reloaded, tmp_path / "bad", state=str(root / "native"))
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"ranks": {"a": "x"}}, r"damaged \(ranks: expected an integer >= 0, got 'x'\)"),
+    ({"gamma": 1e400}, r"damaged \(gamma: expected a finite number, got inf\)"),
+    ({"portable": 1}, r"damaged \(portable: expected true or false, got 1\)"),
+    ({"ranks": None, "format_version": 2, "versions": {"gora-peft": "9.0"}},
+     r"format version 2, written by gora-peft 9\.0.*or export the adapter again with this version"),
+])
+def test_a_damaged_or_newer_sidecar_is_refused_naming_what_is_wrong(tmp_path, edit, message):
+    sidecar = {"format": "gora-adapter", "format_version": 1, "ranks": {"a": 2}, "gamma": 0.05, "portable": True}
+    (tmp_path / "gora_config.json").write_text(json.dumps(sidecar | edit))
+    with pytest.raises(GoraStateError, match=message):
+        read_sidecar(tmp_path)
+    (tmp_path / "gora_config.json").write_text(json.dumps({k: v for k, v in sidecar.items() if k != "ranks"}))
+    with pytest.raises(GoraStateError, match=r"damaged \('ranks' is missing\); export the adapter again"):
+        read_sidecar(tmp_path)
 
 
 def test_no_module_of_the_library_keeps_states_or_models(exported):

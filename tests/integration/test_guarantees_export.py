@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 
-import gora.peft_bridge
+import gora.export
 from gora import GoraConfig, apply_gora, estimate_gora, export_adapter
 from gora.errors import GoraStateError, GoraTypeError
 
@@ -40,7 +40,7 @@ def _leftovers(directory: pathlib.Path) -> list[str]:
 
 def _fail_in_weights(monkeypatch, error):
     """The portable rewrite of adapter_model.safetensors writes half the file, then fails."""
-    real = gora.peft_bridge.save_file
+    real = gora.export.save_file
 
     def save_half(tensors, filename, metadata=None):
         real(tensors, filename, metadata=metadata)
@@ -48,7 +48,7 @@ def _fail_in_weights(monkeypatch, error):
             handle.truncate(os.path.getsize(filename) // 2)
         raise error
 
-    monkeypatch.setattr(gora.peft_bridge, "save_file", save_half)
+    monkeypatch.setattr(gora.export, "save_file", save_half)
 
 
 def _fail_in_sidecar(monkeypatch, error):

@@ -1,5 +1,6 @@
 """GoraState on disk: round trip, atomic saves, interrupted saves, damaged and foreign files."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -66,6 +67,77 @@ def test_reformatted_json_with_the_same_content_still_loads(tmp_path):
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps(dict(reversed(list(meta.items())))))  # other key order, no indentation
     assert_same_state(GoraState.load(tmp_path / "state"), state)
+
+
+# -- the format on disk: a state saved by format version 1 loads, and saves back to the same bytes -------------
+SAVED_FORMAT_1 = pathlib.Path(__file__).parent / "data" / "state_format_1"  # written by gora-peft 0.1.0's save
+
+
+def full_state() -> GoraState:
+    """The state in ``SAVED_FORMAT_1``: every field set to something other than its default (a skipped layer outside
+    ``ranks``, a warmed head in fp16 and fp32, initial-step diagnostics)."""
+    generator = torch.Generator().manual_seed(7)
+    shapes = {"enc.0.q": (6, 4), "enc.0.v": (5, 4), "enc.1.q": (6, 4)}
+    ranks = {"enc.0.q": 2, "enc.0.v": 3, "enc.1.q": 0}
+    return GoraState(
+        ranks=ranks, importance={"enc.0.q": 0.25, "enc.0.v": 0.75}, shapes=shapes,
+        A={n: torch.rand(r, shapes[n][1], generator=generator) for n, r in ranks.items() if r},
+        C={n: torch.randn(shapes[n][0], r, generator=generator) for n, r in ranks.items() if r},
+        skipped={"enc.1.q": "no gradient", "lm_head": "tied to the input embeddings"},
+        reference_rank=2, lora_alpha=4.0, gamma=0.05, seed=3,
+        config={"num_steps": 3, "importance": "mean_abs", "extra": {"run": "unit"}}, num_steps=3, num_samples=12,
+        budget=40, actual_params=41, estimation_seconds=1.25, peak_memory_bytes=123456,
+        versions={"gora-peft": "0.1.0", "python": "3.11.9", "torch": "2.11.0"}, model_class="Tiny",
+        notes={"fp16": False, "adaptive_gamma": {"losses": [1.5, 1.25]}},
+        init_stats={"relative_delta": 0.01, "loss_w0": 0.69, "loss_after": 0.6, "loss_se": 0.02, "gamma": 0.05,
+                    "per_layer": {"enc.0.q": 0.02}},
+        head={"classifier.weight": torch.randn(2, 4, generator=generator).half(), "classifier.bias": torch.zeros(2)},
+    )
+
+
+def test_a_state_saved_by_format_version_1_loads_with_every_field(tmp_path):
+    expected = full_state()
+    loaded = GoraState.load(SAVED_FORMAT_1)
+    for field in dataclasses.fields(GoraState):
+        value, wanted = getattr(loaded, field.name), getattr(expected, field.name)
+        if field.name in ("A", "C", "head"):
+            assert value.keys() == wanted.keys(), field.name
+            for name, tensor in wanted.items():
+                assert value[name].dtype == tensor.dtype and torch.equal(value[name], tensor), (field.name, name)
+        else:
+            assert value == wanted, field.name
+
+
+def test_saving_writes_format_version_1_as_before(tmp_path):
+    """The state saved again gives the committed files: the same JSON (byte for byte, whenever safetensors writes
+    the tensor file as it did), the same tensors."""
+    full_state().save(tmp_path / "state")
+    old_json, new_json = (SAVED_FORMAT_1 / META_FILE).read_bytes(), (tmp_path / "state" / META_FILE).read_bytes()
+    if (SAVED_FORMAT_1 / TENSOR_FILE).read_bytes() == (tmp_path / "state" / TENSOR_FILE).read_bytes():
+        assert new_json == old_json
+    else:  # another safetensors release laid the tensor file out otherwise: only its size and checksum differ
+        assert _without_checksums(new_json) == _without_checksums(old_json)
+
+
+def _without_checksums(data: bytes) -> dict:
+    return {k: v for k, v in json.loads(data).items() if k not in ("tensors_sha256", "tensors_bytes", "meta_sha256")}
+
+
+def test_the_files_schema_is_the_dataclass_fields(tmp_path):
+    """Every GoraState field says where it is stored; the JSON holds exactly the JSON fields (plus the format's
+    header and checksums), the tensor file exactly the tensor fields' prefixes."""
+    from gora.state import STORED, InJson, InTensors
+
+    stored = {spec.name: spec.metadata[STORED] for spec in dataclasses.fields(GoraState)}
+    assert all(isinstance(where, (InJson, InTensors)) for where in stored.values())
+    full_state().save(tmp_path / "state")
+    meta = json.loads((tmp_path / "state" / META_FILE).read_text())
+    header = {"format", "format_version", "meta_sha256", "tensors_sha256", "tensors_bytes"}
+    assert set(meta) - header == {name for name, where in stored.items() if isinstance(where, InJson)}
+    from safetensors.torch import load_file
+
+    prefixes = {key.split("::")[0] + "::" for key in load_file(str(tmp_path / "state" / TENSOR_FILE))}
+    assert prefixes == {where.prefix for where in stored.values() if isinstance(where, InTensors)}
 
 
 # -- interrupted saves ---------------------------------------------------------------------------
@@ -403,6 +475,42 @@ def test_foreign_or_future_json_is_refused(saved, edit, message):
     (saved / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(GoraStateError, match=message):
         GoraState.load(saved)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"ranks": {"enc.0.q": 2.7, "enc.0.v": 3, "enc.1.q": 0}},
+     r"malformed \(ranks: expected an integer >= 0, got 2\.7\)"),
+    ({"reference_rank": 0}, r"malformed \(reference_rank: expected an integer >= 1, got 0\)"),
+    ({"skipped": {"enc.1.q": 3}}, r"malformed \(skipped: expected a string, got 3\)"),
+    ({"notes": []}, r"malformed \(notes: expected an object, got \[\]\)"),
+])
+def test_a_malformed_value_is_reported_with_its_field(saved, edit, message):
+    meta = json.loads((saved / META_FILE).read_text())
+    meta.update(edit)
+    meta["meta_sha256"] = gora.state._metadata_checksum(meta)  # edited with care: the checksum fits
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(GoraStateError, match=message + "; re-run estimate_gora"):
+        GoraState.load(saved)
+
+
+@pytest.mark.parametrize("key", ["ranks", "importance", "shapes", "reference_rank", "lora_alpha", "gamma", "seed"])
+def test_a_file_without_a_required_field_is_reported_as_damaged(saved, key):
+    meta = json.loads((saved / META_FILE).read_text())
+    del meta[key]
+    meta["meta_sha256"] = gora.state._metadata_checksum(meta)
+    (saved / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(GoraStateError, match=f"lacks '{key}'; the file is damaged"):
+        GoraState.load(saved)
+
+
+def test_a_file_written_before_a_field_existed_loads_with_the_field_s_default(saved):
+    meta = json.loads((saved / META_FILE).read_text())
+    for key in ("init_stats", "skipped", "notes", "peak_memory_bytes"):
+        del meta[key]
+    meta["meta_sha256"] = gora.state._metadata_checksum(meta)
+    (saved / META_FILE).write_text(json.dumps(meta))
+    loaded = GoraState.load(saved)
+    assert (loaded.init_stats, loaded.skipped, loaded.notes, loaded.peak_memory_bytes) == ({}, {}, {}, 0)
 
 
 def test_a_state_of_a_newer_format_names_the_gora_peft_version_that_reads_it(saved):
