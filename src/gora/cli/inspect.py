@@ -58,7 +58,7 @@ def read_rank_info(path: Path) -> dict[str, Any]:
     if not (path / SIDECAR_FILE).is_file():
         raise GoraStateError(f"{path} holds neither {META_FILE} (gora init) nor {SIDECAR_FILE} (an adapter "
                              "written by gora export / gora.export_adapter); nothing to inspect.")
-    from ..peft_bridge import read_sidecar
+    from ..export import read_sidecar
 
     return {"kind": "adapter", **read_sidecar(path)}
 
