@@ -23,7 +23,7 @@ _EXPORTS = {
     "estimate_gora": "api",
     "apply_gora": "peft_bridge",
     "get_gora_model": "api",
-    "export_adapter": "peft_bridge",
+    "export_adapter": "export",
     "GoraError": "errors",
     "GoraConfigError": "errors",
     "GoraDataError": "errors",
@@ -65,5 +65,6 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
         GoraTypeError,
         GoraUnsupportedError,
     )
-    from .peft_bridge import apply_gora, export_adapter
+    from .export import export_adapter
+    from .peft_bridge import apply_gora
     from .state import GoraState

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -113,6 +115,47 @@ def _make_portable(directory: Path, layers: dict[str, tuple[int, float]], pad: b
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
+@dataclass(frozen=True)
+class SidecarKey:
+    """One key of ``gora_config.json`` besides ``format``, ``format_version``, ``native_scalings`` and ``versions``
+    (the export's own, written by ``_write_sidecar``)."""
+
+    state_field: str | None
+    """The ``GoraState`` field written under the key when the export knows the state; ``None``: an export setting."""
+    check: Callable[[Any], Any] | None = None
+    """The check ``read_sidecar`` reads the key back with; ``None``: written for the record, not read back."""
+
+
+SIDECAR_KEYS: dict[str, SidecarKey] = {
+    "ranks": SidecarKey("ranks", mapping(integer)),
+    "importance": SidecarKey("importance", mapping(number)),
+    "skipped": SidecarKey("skipped", mapping(text)),
+    "budget": SidecarKey("budget", integer),
+    "actual_params": SidecarKey("actual_params", integer),
+    "r": SidecarKey("reference_rank", integer),
+    "num_steps": SidecarKey("num_steps", integer),
+    "num_samples": SidecarKey("num_samples", integer),
+    "gamma": SidecarKey("gamma", number),
+    "lora_alpha": SidecarKey("lora_alpha"),
+    "gora_config": SidecarKey("config"),
+    "seed": SidecarKey("seed"),
+    "estimation_versions": SidecarKey("versions"),
+    "portable": SidecarKey(None, flag),
+    "uniform_rank": SidecarKey(None, flag),
+}
+"""The sidecar's keys: the one description that ``_write_sidecar`` and ``read_sidecar`` share."""
+
+SIDECAR_FIELDS = {key: spec.check for key, spec in SIDECAR_KEYS.items() if spec.check is not None}
+"""The sidecar's fields that ``read_sidecar`` returns, with their checks (``ranks`` is required)."""
+
+
+def rank_info(state: GoraState) -> dict[str, Any]:
+    """The state's values of the keys ``read_sidecar`` returns from an adapter exported with it: ranks,
+    importances, skips, budget and estimation (what ``gora inspect`` shows of a state and of an adapter alike)."""
+    return {key: getattr(state, spec.state_field) for key, spec in SIDECAR_KEYS.items()
+            if spec.state_field is not None and spec.check is not None}
+
+
 def _write_sidecar(path: Path, layers: dict, state: GoraState | None, portable: bool, uniform_rank: bool) -> None:
     sidecar: dict[str, Any] = {
         "format": "gora-adapter",
@@ -125,22 +168,9 @@ def _write_sidecar(path: Path, layers: dict, state: GoraState | None, portable: 
     if state is None:
         sidecar["ranks"] = {n: r for n, (r, _) in sorted(layers.items())}
     else:
-        sidecar |= {
-            "ranks": dict(sorted(state.ranks.items())), "importance": dict(sorted(state.importance.items())),
-            "skipped": state.skipped, "budget": state.budget, "actual_params": state.actual_params,
-            "r": state.reference_rank, "lora_alpha": state.lora_alpha, "gamma": state.gamma,
-            "gora_config": state.config, "num_steps": state.num_steps, "num_samples": state.num_samples,
-            "seed": state.seed, "estimation_versions": state.versions,
-        }
+        sidecar |= {key: getattr(state, spec.state_field) for key, spec in SIDECAR_KEYS.items()
+                    if spec.state_field is not None}
     path.write_text(json.dumps(sidecar, indent=2, sort_keys=True))
-
-
-SIDECAR_FIELDS: dict[str, Any] = {
-    "ranks": mapping(integer), "importance": mapping(number), "skipped": mapping(text), "budget": integer,
-    "actual_params": integer, "r": integer, "num_steps": integer, "num_samples": integer, "gamma": number,
-    "portable": flag, "uniform_rank": flag,
-}
-"""The sidecar's fields that ``read_sidecar`` returns, with their checks (``ranks`` is required)."""
 
 
 def read_sidecar(directory: str | os.PathLike) -> dict[str, Any]:

@@ -2,8 +2,7 @@
 
 Native model: the user's LoraConfig with ``use_rslora=True``, exact target names, and
 ``rank_pattern``/``alpha_pattern`` per layer; PEFT builds the layers, gora copies A and B in.
-Saving the adapter (native, portable and uniform-rank forms) is :mod:`gora.export`'s; its names stay importable
-from here.
+Saving the adapter (native, portable and uniform-rank forms) is :mod:`gora.export`'s.
 """
 
 from __future__ import annotations
@@ -20,10 +19,6 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import check_lora_config
 from .errors import GoraStateError, GoraTargetError, GoraTypeError, GoraUnsupportedError
-from .export import SIDECAR_VERSION as SIDECAR_VERSION
-from .export import export_adapter as export_adapter
-from .export import lora_layers as lora_layers
-from .export import read_sidecar as read_sidecar
 from .head_warmup import check_head_fits, copy_head_into
 from .initialization import b_from_c
 from .peft_compat import expanded_lora_config, inner_model, is_target, pattern_keys, refuse_adapter_layers

@@ -1,6 +1,7 @@
-"""Rank maps: GoRA's ranks per layer (rows) × module type (columns), as a table and a PNG.
+"""Rank maps: GoRA's ranks as a table (one row per module: shape, rank, importance or why it was left out) and as a
+grid of layers (rows) × module types (columns) drawn to a PNG.
 
-A module name splits at its first numeric component: ``bert.encoder.layer.3.attention.self.query``
+In the grid, a module name splits at its first numeric component: ``bert.encoder.layer.3.attention.self.query``
 is row ``bert.encoder.layer.3``, column ``attention.self.query``. Names without a layer index
 (``pooler.dense``) go to a row of their own, ``(no layer index)``.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,22 @@ from .errors import GoraUnsupportedError
 
 NO_INDEX = "(no layer index)"
 _NUMBER = re.compile(r"^\d+$")
+
+
+def rank_rows(ranks: Mapping[str, int], importance: Mapping[str, float], shapes: Mapping[str, Sequence[int]],
+              skipped: Mapping[str, str]) -> list[str]:
+    """The rank table's header and one row per module, sorted by name: shape, rank and importance; a module left
+    out shows its reason in place of a score (``"no gradient"`` with rank 0, or ``-`` when it got no rank at all).
+    A name without a shape or an importance gets a blank shape or ``nan``. The callers add their own footers."""
+    rows = [f"{'module':<60} {'shape':>12} {'rank':>5} {'importance':>11}"]
+    for name in sorted(ranks):
+        shape = "x".join(str(v) for v in shapes[name]) if name in shapes else ""
+        score = f"  skipped: {skipped[name]}" if name in skipped else f" {importance.get(name, math.nan):>11.4g}"
+        rows.append(f"{name:<60} {shape:>12} {ranks[name]:>5}{score}")
+    for name, reason in sorted(skipped.items()):
+        if name not in ranks:
+            rows.append(f"{name:<60} {'':>12} {'-':>5}  skipped: {reason}")
+    return rows
 
 
 @dataclass
@@ -109,4 +127,4 @@ def _short_rows(rows: list[str]) -> tuple[list[str], str]:
     return [r if r == NO_INDEX else r.rsplit(".", 1)[1] for r in rows], common
 
 
-__all__ = ["RankGrid", "split_name", "rank_grid", "plot_ranks"]
+__all__ = ["rank_rows", "RankGrid", "split_name", "rank_grid", "plot_ranks"]

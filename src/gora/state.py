@@ -39,6 +39,7 @@ from .atomic import (
 from .config import field_default
 from .errors import GoraStateError, GoraTypeError
 from .json_fields import integer, is_shape, json_object, mapping, number, read_fields, shape, text
+from .plotting import rank_rows
 from .versions import format_version_refusal
 
 FORMAT_VERSION = 1
@@ -125,17 +126,7 @@ class GoraState:
 
     def summary(self) -> str:
         """A plain-text rank table with budget and spread."""
-        rows = [f"{'module':<60} {'shape':>12} {'rank':>5} {'importance':>11}"]
-        for name in sorted(self.ranks):
-            out_f, in_f = self.shapes[name]
-            if name in self.skipped:  # rank 0 with a reason ("no gradient"): one row, the reason in place of a score
-                rows.append(f"{name:<60} {f'{out_f}x{in_f}':>12} {0:>5}  skipped: {self.skipped[name]}")
-                continue
-            imp = self.importance.get(name, float("nan"))
-            rows.append(f"{name:<60} {f'{out_f}x{in_f}':>12} {self.ranks[name]:>5} {imp:>11.4g}")
-        for name, reason in sorted(self.skipped.items()):
-            if name not in self.ranks:
-                rows.append(f"{name:<60} {'':>12} {'-':>5}  skipped: {reason}")
+        rows = rank_rows(self.ranks, self.importance, self.shapes, self.skipped)
         adapted = [self.ranks[n] for n in self.adapted]
         spread = f"ranks {min(adapted)}..{max(adapted)}" if adapted else "no adapted layer"
         rows.append(

@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel
 
 from gora import GoraConfig, GoraState, apply_gora, estimate_gora, export_adapter
 from gora.errors import GoraConfigError, GoraStateError, GoraTypeError
-from gora.export import read_sidecar
+from gora.export import SIDECAR_KEYS, rank_info, read_sidecar
 from gora.serving import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
 
 from conftest import make_lm_batches, tiny_llama
@@ -172,6 +172,15 @@ def test_a_reloaded_model_exports_with_the_state_passed_or_the_layers_ranks(expo
     assert read_sidecar(tmp_path / "with_state")["importance"] == pytest.approx(state.importance)
     with pytest.raises(GoraTypeError, match="state must be a GoraState"):
         export_adapter(reloaded, tmp_path / "bad", state=str(root / "native"))
+
+
+def test_the_sidecar_holds_the_described_keys_and_reads_back_as_the_states_rank_info(exported):
+    root, _, state, _ = exported
+    written = json.loads((root / "portable" / "gora_config.json").read_text())
+    own = {"format", "format_version", "native_scalings", "versions"}
+    assert set(written) == own | set(SIDECAR_KEYS)
+    assert written["r"] == state.reference_rank and written["gora_config"] == state.config
+    assert read_sidecar(root / "portable") == rank_info(state) | {"portable": True, "uniform_rank": False}
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -137,6 +138,18 @@ def test_inspect_prints_the_sidecar_rank_table_and_budget(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "model.layers.1.q_proj" in out and "budget 1,024 params" in out and "actual 960 (93.8%)" in out
     assert "ranks 6..10 over 2 layers" in out
+
+
+def test_inspect_and_init_print_the_same_module_rows_a_layer_without_gradient_with_its_reason(capsys):
+    from gora import GoraState
+
+    saved = pathlib.Path(__file__).parent / "data" / "state_format_1"  # a layer with no gradient, one tied head
+    assert cli.main(["inspect", str(saved), "--no-plot"]) == 0
+    inspected = capsys.readouterr().out.splitlines()
+    summary = GoraState.load(saved).summary().splitlines()
+    rows = len(summary) - 2  # the summary's footer: the budget line and the initial step's
+    assert inspected[:rows] == summary[:rows] and inspected[rows].startswith("budget ")
+    assert [row.split()[-1] for row in summary[1:rows]] == ["0.25", "0.75", "gradient", "embeddings"]
 
 
 def test_inspect_without_matplotlib_skips_the_default_plot_and_refuses_an_asked_for_one(tmp_path, monkeypatch,

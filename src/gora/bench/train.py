@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from gora.bench.builders import Batch, BuiltMethod
+from gora.bench.lm_scoring import eval_mode
 from gora.devices import resolve_device
 from gora.errors import GoraConfigError
 from gora.progress import progress as progress_bar
@@ -225,9 +226,7 @@ def evaluate_loss_and_accuracy(model: torch.nn.Module, data: Encoded, tokenizer,
     """(mean cross-entropy, accuracy) on ``data``: length-sorted batches, eval mode, no gradients; the model's
     train/eval mode is restored afterwards."""
     device = resolve_device(cfg.device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         order = sorted(range(len(data)), key=lambda i: _length(data[i]))
         loss_sum, correct = 0.0, 0
         for start in range(0, len(order), cfg.eval_batch_size):
@@ -237,8 +236,6 @@ def evaluate_loss_and_accuracy(model: torch.nn.Module, data: Encoded, tokenizer,
                 logits = model(**batch).logits
             loss_sum += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
             correct += (logits.argmax(-1) == labels).sum().item()
-    finally:
-        model.train(was_training)
     return loss_sum / len(data), correct / len(data)
 
 

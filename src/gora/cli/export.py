@@ -41,12 +41,11 @@ def run(args: argparse.Namespace) -> int:
             _save_tokenizer(model_dir, str(tmp))
         print(f"wrote merged {task} model to {args.output}")
         return 0
-    from .. import export_adapter
+    from ..export import export_adapter, lora_layers
+    from ..serving import serving_hint
 
     export_adapter(peft_model, args.output, portable=args.form == "portable", pad_to_max_rank=args.pad_to_max_rank,
                    state=state)
-    from ..peft_bridge import lora_layers
-    from ..serving import serving_hint
 
     form = "uniform-rank portable" if args.pad_to_max_rank else args.form
     print(f"wrote {form} adapter to {args.output}; {serving_hint(max(r for r, _ in lora_layers(peft_model).values()))}")

@@ -47,18 +47,16 @@ def run(args: argparse.Namespace) -> int:
 def read_rank_info(path: Path) -> dict[str, Any]:
     """Ranks, importances and budget from a state directory or an adapter's ``gora_config.json``."""
     if (path / META_FILE).is_file():
+        from ..export import rank_info
         from ..state import GoraState
 
         state = GoraState.load(path)
-        return {"kind": "state", "ranks": state.ranks, "importance": state.importance, "skipped": state.skipped,
-                "shapes": {n: list(s) for n, s in state.shapes.items()}, "budget": state.budget,
-                "actual_params": state.actual_params, "r": state.reference_rank, "gamma": state.gamma,
-                "num_steps": state.num_steps, "num_samples": state.num_samples,
+        return {"kind": "state", **rank_info(state), "shapes": {n: list(s) for n, s in state.shapes.items()},
                 "estimation_seconds": state.estimation_seconds, "init_stats": state.init_stats}
     if not (path / SIDECAR_FILE).is_file():
         raise GoraStateError(f"{path} holds neither {META_FILE} (gora init) nor {SIDECAR_FILE} (an adapter "
                              "written by gora export / gora.export_adapter); nothing to inspect.")
-    from ..peft_bridge import read_sidecar
+    from ..export import read_sidecar
 
     return {"kind": "adapter", **read_sidecar(path)}
 

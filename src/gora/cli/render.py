@@ -1,21 +1,17 @@
-"""The rank table ``gora inspect`` prints: one row per layer, then the budget, the estimation and serving lines."""
+"""The rank table ``gora inspect`` prints: :func:`gora.plotting.rank_rows`, then the budget, the estimation and
+serving lines."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..plotting import rank_rows
+
 
 def rank_table(info: dict[str, Any]) -> str:
     """The table of ``info`` (a state's or a sidecar's ranks, importances, shapes and budget; all but the ranks
     optional)."""
-    importance, shapes = info.get("importance", {}), info.get("shapes", {})
-    rows = [f"{'module':<60} {'shape':>12} {'rank':>5} {'importance':>11}"]
-    for name in sorted(info["ranks"]):
-        shape = "x".join(str(v) for v in shapes[name]) if name in shapes else ""
-        rows.append(f"{name:<60} {shape:>12} {info['ranks'][name]:>5} {importance.get(name, float('nan')):>11.4g}")
-    for name, reason in sorted(info.get("skipped", {}).items()):
-        if name not in info["ranks"] or reason != "no gradient":
-            rows.append(f"{name:<60} {'':>12} {'-':>5}  skipped: {reason}")
+    rows = rank_rows(info["ranks"], info.get("importance", {}), info.get("shapes", {}), info.get("skipped", {}))
     adapted = [r for r in info["ranks"].values() if r > 0]
     spread = f"ranks {min(adapted)}..{max(adapted)} over {len(adapted)} layers" if adapted else "no adapted layer"
     if "budget" in info:
