@@ -1,7 +1,7 @@
 """``GoraConfig``: GoRA's own settings. LoRA's stay in ``peft.LoraConfig``.
 
 Over 300 lines on purpose: each field carries its documentation and its check here, the one place that states a
-default (the CLI's options and the docs are generated from it), so the length is the settings' documentation.
+default (the CLI's options and their help are generated from it), so the length is the settings' documentation.
 """
 
 from __future__ import annotations
