@@ -100,6 +100,8 @@ def _rank_main(rank: int, workdir: str) -> None:
     save_file(_lora_weights(engine, gather=True), str(out / f"zero3_before{rank}.safetensors"))
     _train_step(engine, rank)
     save_file(_lora_weights(engine, gather=True), str(out / f"zero3_after{rank}.safetensors"))
+    del engine
+    torch.distributed.destroy_process_group()  # a rank that exits with its group alive can abort in gloo's teardown
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -140,10 +139,13 @@ def test_inspect_prints_the_sidecar_rank_table_and_budget(tmp_path, capsys):
     assert "ranks 6..10 over 2 layers" in out
 
 
-def test_inspect_and_init_print_the_same_module_rows_a_layer_without_gradient_with_its_reason(capsys):
+def test_inspect_and_init_print_the_same_module_rows_a_layer_without_gradient_with_its_reason(tmp_path, capsys):
     from gora import GoraState
 
-    saved = pathlib.Path(__file__).parent / "data" / "state_format_1"  # a layer with no gradient, one tied head
+    from test_state_files import full_state
+
+    saved = tmp_path / "state"
+    full_state().save(saved)  # a layer with no gradient, one tied head
     assert cli.main(["inspect", str(saved), "--no-plot"]) == 0
     inspected = capsys.readouterr().out.splitlines()
     summary = GoraState.load(saved).summary().splitlines()
