@@ -19,17 +19,17 @@
 # (lora 2.5e-4..1e-3; rsLoRA and GoRA arms, alpha/sqrt(r) = 2.8x LoRA's scale, 1.25e-4..5e-4, so that 2.5e-4 and
 # 5e-4 are common lrs for the convergence picture) extended past an edge up to 2 times; then test seeds 0, 1, 2.
 # Per task: 5 arms x (6 selection + 3 test) = 45 runs before extensions, 90 in all.
-# Cost, measured with `nice -n 10` and one thread while a MiniLM study kept both cores busy (load 5-9): a niced run
-# got about 3 % of a core, so wall times were ~30x the CPU times and only CPU times mean anything. One short GoRA run
-# on gsm_symbolic (4 steps at batch 4, N = 2, 4 validation and 4 test items, 2 greedy answers of 32 tokens): 82 CPU-s
-# (2,506 s wall), model load 17 CPU-s (542 s wall). Per unit: ~7 CPU-s per training step at batch 4, ~9 per GoRA
-# estimation batch, ~1 per teacher-forced GSM item, ~0.06 per generated token and item. At this script's sizes
-# that is ~5.5 CPU-min per LoRA-type gsm_symbolic run, ~7 for GoRA-type, +2 for generation in test runs (about 5
-# CPU-hours for its 45 runs) and ~9 CPU-min per rotten_tomatoes_lm run (two label words scored for 100 reviews
-# twice and 300 once dominate; about 7 CPU-hours): about 12 CPU-hours, 6 hours on two idle cores, two workers.
+# Cost on two idle cores, one thread per worker, both workers busy (2026-12-06): a GoRA run on gsm_symbolic takes
+# 7.0 min (model load 15 s once per worker, estimation + init diagnostics 87 s, 32 steps 209 s, two validation
+# checkpoints 43 s, test with greedy answers 61 s), a LoRA-type run about 5; a LoRA run on rotten_tomatoes_lm took
+# 7.2 min when each label word was scored by its own forward pass (32 steps 150 s, validation 115 s, test 147 s);
+# one-token label words now cost one pass per review, which halves the scoring. About 4.6 CPU-hours (2.3 hours on the
+# two workers) for gsm_symbolic's 45 runs and about 4 (2 hours) for rotten_tomatoes_lm's.
 # Time one run (--seeds 0, one arm, one --lr) before planning; cut --max-test or --max-val if that is too long.
-# The tasks run one after the other, each in its own folder (their sizes differ); two worker processes with one
-# thread each share a task's folder, each takes every other arm, and both merge into its results.json. Resumable:
+# The tasks run one after the other, each in its own folder (their sizes differ); TASKS="gsm_symbolic" runs one.
+# Two worker processes with one thread each share a task's folder, each takes every other arm (the order below
+# gives one worker lora, rslora, gora_fixed_rank and the other gora, gora_gamma0: about equal time), and both
+# merge into its results.json. Resumable:
 # rerun the same command; finished runs are never recomputed. Table at the end of each task (python -m gora.bench
 # report OUT_DIR/TASK); paired intervals: python -m gora.bench.evidence OUT_DIR/TASK. Run it from a separate
 # worktree so code changes do not touch a running study.
@@ -39,7 +39,7 @@ set -euo pipefail
 OUT=${1:?usage: cpu_decoder_evidence.sh OUT_DIR [extra grid options]}
 shift
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-ARMS=(lora rslora gora gora_gamma0 gora_fixed_rank)
+ARMS=(lora gora rslora gora_gamma0 gora_fixed_rank)  # see above: balances the two workers
 LRS=(--lr lora=2.5e-4,5e-4,1e-3 --lr rslora=1.25e-4,2.5e-4,5e-4 --lr gora=1.25e-4,2.5e-4,5e-4
      --lr gora_gamma0=1.25e-4,2.5e-4,5e-4 --lr gora_fixed_rank=1.25e-4,2.5e-4,5e-4 --max-extensions 2)
 run_task() {  # TASK, then its own grid options
@@ -58,6 +58,11 @@ run_task() {  # TASK, then its own grid options
   return "$status"
 }
 EXTRA=("$@")
-run_task gsm_symbolic --batch-size 4 --max-train 1000 --max-val 24 --max-test 48 --exact-match-size 12 \
-  --max-new-tokens 192
-run_task rotten_tomatoes_lm --batch-size 8 --max-train 1000 --max-val 100 --max-test 300
+for task in ${TASKS:-gsm_symbolic rotten_tomatoes_lm}; do
+  case $task in
+    gsm_symbolic) run_task gsm_symbolic --batch-size 4 --max-train 1000 --max-val 24 --max-test 48 \
+      --exact-match-size 12 --max-new-tokens 192 ;;
+    rotten_tomatoes_lm) run_task rotten_tomatoes_lm --batch-size 8 --max-train 1000 --max-val 100 --max-test 300 ;;
+    *) echo "unknown decoder task $task: gsm_symbolic or rotten_tomatoes_lm" >&2; exit 2 ;;
+  esac
+done

@@ -98,6 +98,33 @@ def test_label_word_scoring_sums_each_words_log_likelihood_and_picks_the_highest
     assert loss == pytest.approx(true / (1 + 2 + 1), rel=1e-6)  # per answer token, as the training loss
 
 
+def test_one_token_label_words_cost_one_forward_pass_per_prompt_with_the_same_scores():
+    from gora.bench.lm_scoring import label_log_likelihoods
+
+    model = tiny_llama()
+    prompts = [[1, 4, 9, 10, 0, 1, 5], [1, 4, 11, 13, 0, 1, 5], [1, 4, 12, 0, 1, 5], [1, 5]]
+    words = [[6], [8], [16]]
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(len(kwargs["input_ids"])),
+                                           with_kwargs=True)
+    try:
+        model.train()
+        scores, lengths = label_log_likelihoods(model, prompts, words, 0, torch.device("cpu"))
+    finally:
+        hook.remove()
+    assert model.training  # mode restored
+    assert sum(rows) == len(prompts)  # not len(prompts) * len(words)
+    assert lengths.tolist() == [1, 1, 1]
+    with torch.no_grad():
+        model.eval()
+        for i, p in enumerate(prompts):
+            logp = torch.log_softmax(model(torch.tensor([p])).logits[0, -1].double(), -1)
+            for j, w in enumerate(words):
+                assert scores[i, j].item() == pytest.approx(logp[w[0]].item(), rel=1e-5)
+                teacher_forced = torch.log_softmax(model(torch.tensor([p + w])).logits[0].double(), -1)
+                assert scores[i, j].item() == pytest.approx(teacher_forced[len(p) - 1, w[0]].item(), rel=1e-5)
+
+
 def test_token_batches_bound_padded_tokens_and_keep_every_index_once():
     from gora.bench.lm_scoring import token_batches
 

@@ -75,11 +75,40 @@ def answer_loss(model: torch.nn.Module, examples: Sequence[Example], pad_id: int
     return sum(total for total, _ in pairs) / count
 
 
+@torch.no_grad()
+def next_token_log_probs(model: torch.nn.Module, prompts: Sequence[list[int]], token_ids: Sequence[int],
+                         pad_id: int, device: torch.device, autocast: Callable[[], Any] | None = None,
+                         max_tokens: int = EVAL_TOKENS) -> torch.Tensor:
+    """(n, k) float64: log p(token_j | prompt_i), one forward pass per prompt (read at its last position).
+
+    Eval mode; the model's mode is restored.
+    """
+    out = torch.empty(len(prompts), len(token_ids), dtype=torch.float64)
+    ids = torch.tensor(list(token_ids), device=device)
+    with eval_mode(model):
+        for chunk in token_batches([len(p) for p in prompts], max_tokens):
+            batch = collate_train([labelled(prompts[i], []) for i in chunk], pad_id, device)
+            batch.pop("labels")
+            with autocast() if autocast is not None else nullcontext():
+                logits = model(**batch).logits
+            last = torch.tensor([len(prompts[i]) - 1 for i in chunk], device=device)
+            logp = torch.log_softmax(logits[torch.arange(len(chunk), device=device), last].float(), -1)
+            out[chunk] = logp[:, ids].double().cpu()
+    return out
+
+
 def label_log_likelihoods(model: torch.nn.Module, prompts: Sequence[list[int]], words: Sequence[list[int]],
                           pad_id: int, device: torch.device, autocast: Callable[[], Any] | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-likelihoods (n, k), token counts (k,)): log p(word_j | prompt_i) summed over the word's tokens."""
+    """(log-likelihoods (n, k), token counts (k,)): log p(word_j | prompt_i) summed over the word's tokens.
+
+    Words of one token each (the usual label words) cost one forward pass per prompt; otherwise each
+    (prompt, word) pair is scored teacher-forced.
+    """
+    lengths = torch.tensor([len(w) for w in words])
+    if all(len(w) == 1 for w in words):
+        return next_token_log_probs(model, prompts, [w[0] for w in words], pad_id, device, autocast), lengths
     examples = [labelled(p, w) for p in prompts for w in words]
     nll = answer_nll(model, examples, pad_id, device, autocast)
     scores = -torch.tensor([total for total, _ in nll], dtype=torch.float64).view(len(prompts), len(words))
-    return scores, torch.tensor([len(w) for w in words])
+    return scores, lengths
