@@ -109,6 +109,9 @@ def test_arm_table_reports_the_chosen_lr_scores_and_the_initial_step():
     table = evidence.arm_table(runs)
     assert "| t | gora | 2 | 0.0005 (0.00025..0.001) | 71.00 ± 1.41 | 0.5000 | 6.0e-05 | -0.01000 | 0.05 |" in table
     assert "| t | lora | 2 | 0.002 (0.0005..0.002) **at edge** | 70.00 ± 0.00 | — | — | — | — |" in table
+    lm = [rec("gora", "g", s, v, metric="answer_loss", exact_match=em) for s, v, em in [(0, 1.0, 0.25), (1, 1.1, 0.0)]]
+    # a loss keeps four digits (no points of accuracy); exact match, where runs have it, beside it
+    assert "| g | gora | 2 | 0.001 | 1.0500 ± 0.0707 (exact match 12.5 %) |" in evidence.arm_table(lm)
 
 
 def test_the_bench_command_writes_the_evidence_of_a_folder(tmp_path, capsys):

@@ -183,8 +183,8 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def arm_table(results: Sequence[Record]) -> str:
-    """Per task and arm: test seeds, chosen lr (and whether it sits at the grid's edge), mean test score and final
-    validation loss, and GoRA's initial step (relative size, held-out loss change, γ) averaged over seeds."""
+    """Per task and arm: test seeds, chosen lr (and whether it sits at the grid's edge), mean test score (with exact
+    match where runs have it) and final validation loss, and GoRA's initial step (relative size, held-out loss change, γ) averaged over seeds."""
     lines = ["| task | arm | seeds | lr (grid) | test score, mean ± sd | val loss | ‖ΔW₀‖/‖W₀‖ | Δ held-out loss "
              "at init | γ |", "|---|---|---|---|---|---|---|---|---|"]
     for (task, arm), runs in sorted(_by(results, "task", "arm").items()):
@@ -200,8 +200,11 @@ def arm_table(results: Sequence[Record]) -> str:
                         if r.get("init_loss_after") is not None and r.get("init_loss_w0") is not None])
         gamma = _mean([r.get("gamma") for r in runs]) if arm.startswith("gora") else None
         val = _mean([r.get("val_loss") for r in runs])
-        lines.append(f"| {task} | {arm} | {len(runs)} | {lr} | {scale * statistics.fmean(values):.2f} ± "
-                     f"{scale * sd:.2f} | {'—' if val is None else f'{val:.4f}'} | "
+        digits = 4 if scale == 1 else 2  # a loss needs more digits than points of accuracy
+        exact = _mean([r.get("exact_match") for r in runs])
+        secondary = "" if exact is None else f" (exact match {100 * exact:.1f} %)"
+        lines.append(f"| {task} | {arm} | {len(runs)} | {lr} | {scale * statistics.fmean(values):.{digits}f} ± "
+                     f"{scale * sd:.{digits}f}{secondary} | {'—' if val is None else f'{val:.4f}'} | "
                      f"{'—' if delta is None else f'{delta:.1e}'} | {'—' if change is None else f'{change:+.5f}'} | "
                      f"{'—' if gamma is None else f'{gamma:.3g}'} |")
     return "\n".join(lines) + "\n"
