@@ -25,6 +25,7 @@ from .importance import layer_importances
 from .initialization import solve_c
 from .losses import LossFn
 from .peft_bridge import apply_gora, check_not_wrapped
+from .plotting import rank_spread
 from .state import GoraState
 from .targets import TargetLayer, resolve_targets, unwrap_model
 from .versions import package_versions
@@ -103,8 +104,8 @@ def estimate_gora(
         warn_if_negligible(state.init_stats, config)
         if head is not None:
             state.head, state.notes["head_warmup"] = head["tensors"], head["notes"]
-    logger.info("GoRA: %d layers, ranks %s, %d steps in %.1fs", len(state.adapted), _spread(state.ranks),
-                state.num_steps, state.estimation_seconds)
+    logger.info("GoRA: %s, %d steps in %.1fs", rank_spread(state.ranks.values()), state.num_steps,
+                state.estimation_seconds)
     return state
 
 
@@ -185,11 +186,6 @@ def _initial_factors(ranks: dict[str, int], a_max: dict[str, Tensor], projected:
         a[name] = a_max[name][:rank].contiguous()
         c[name] = distributed.broadcast_tensor_(solve_c(projected[name][:, :rank], a[name] @ a[name].t()))
     return a, c
-
-
-def _spread(ranks: dict[str, int]) -> str:
-    values = [r for r in ranks.values() if r > 0]
-    return f"{min(values)}..{max(values)}" if values else "none"
 
 
 __all__ = ["estimate_gora", "get_gora_model"]

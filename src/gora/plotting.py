@@ -1,5 +1,5 @@
-"""Rank maps: GoRA's ranks as a table (one row per module: shape, rank, importance or why it was left out) and as a
-grid of layers (rows) × module types (columns) drawn to a PNG.
+"""Rank maps: GoRA's ranks as a table (one row per module: shape, rank, importance or why it was left out), its
+one-line spread, and as a grid of layers (rows) × module types (columns) drawn to a PNG.
 
 In the grid, a module name splits at its first numeric component: ``bert.encoder.layer.3.attention.self.query``
 is row ``bert.encoder.layer.3``, column ``attention.self.query``. Names without a layer index
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,15 @@ def rank_rows(ranks: Mapping[str, int], importance: Mapping[str, float], shapes:
         if name not in ranks:
             rows.append(f"{name:<60} {'':>12} {'-':>5}  skipped: {reason}")
     return rows
+
+
+def rank_spread(ranks: Iterable[int]) -> str:
+    """``"ranks 4..32 over 210 layers"`` for the adapted (rank > 0) entries of ``ranks``, or ``"no adapted layer"``:
+    the one phrasing of a rank table's footer, ``gora inspect``, the estimation log line and the demo."""
+    adapted = [r for r in ranks if r > 0]
+    if not adapted:
+        return "no adapted layer"
+    return f"ranks {min(adapted)}..{max(adapted)} over {len(adapted)} layer{'s' if len(adapted) > 1 else ''}"
 
 
 @dataclass

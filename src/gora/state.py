@@ -39,7 +39,7 @@ from .atomic import (
 from .config import field_default
 from .errors import GoraStateError, GoraTypeError
 from .json_fields import integer, is_shape, json_object, mapping, number, read_fields, shape, text
-from .plotting import rank_rows
+from .plotting import rank_rows, rank_spread
 from .versions import format_version_refusal
 
 FORMAT_VERSION = 1
@@ -127,11 +127,9 @@ class GoraState:
     def summary(self) -> str:
         """A plain-text rank table with budget and spread."""
         rows = rank_rows(self.ranks, self.importance, self.shapes, self.skipped)
-        adapted = [self.ranks[n] for n in self.adapted]
-        spread = f"ranks {min(adapted)}..{max(adapted)}" if adapted else "no adapted layer"
         rows.append(
             f"budget {self.budget:,} params (LoRA r={self.reference_rank}), actual {self.actual_params:,} "
-            f"({self.actual_params / max(self.budget, 1):.1%}); {spread}; "
+            f"({self.actual_params / max(self.budget, 1):.1%}); {rank_spread(self.ranks.values())}; "
             f"{self.num_steps} steps, {self.num_samples} samples, gamma={self.gamma:g}"
         )
         from .diagnostics import describe  # the initial step's size and held-out loss change, when recorded

@@ -6,13 +6,19 @@ import math
 
 import pytest
 
-from gora.plotting import NO_INDEX, plot_ranks, rank_grid, split_name
+from gora.plotting import NO_INDEX, plot_ranks, rank_grid, rank_spread, split_name
 
 
 def test_split_name_cuts_at_the_first_layer_index():
     assert split_name("bert.encoder.layer.3.attention.self.query") == ("bert.encoder.layer", 3, "attention.self.query")
     assert split_name("encoder.block.1.layer.0.SelfAttention.q") == ("encoder.block", 1, "layer.0.SelfAttention.q")
     assert split_name("bert.pooler.dense") == (NO_INDEX, -1, "bert.pooler.dense")
+
+
+def test_rank_spread_counts_adapted_layers_only():
+    assert rank_spread([4, 0, 32, 9]) == "ranks 4..32 over 3 layers"
+    assert rank_spread([8]) == "ranks 8..8 over 1 layer"
+    assert rank_spread([0, 0]) == rank_spread([]) == "no adapted layer"
 
 
 def test_rank_grid_orders_layers_numerically_and_leaves_holes_for_missing_modules():

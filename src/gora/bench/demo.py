@@ -24,6 +24,7 @@ from gora.bench.report import markdown_table, records_frame, write_report
 from gora.bench.runner import DataConfig
 from gora.bench.train import TrainConfig
 from gora.config import field_default
+from gora.plotting import rank_spread
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,7 @@ def details(records: list[Record]) -> str:
     for r in records:
         extra = ""
         if r.get("ranks"):
-            ranks = [v for v in r["ranks"].values() if v > 0]
-            extra = f", ranks {min(ranks)}..{max(ranks)} over {len(ranks)} layers, init {r['init_seconds']:.1f} s"
+            extra = f", {rank_spread(r['ranks'].values())}, init {r['init_seconds']:.1f} s"
         lines.append(f"- {r['method']}: test {100 * r['value']:.2f} %, validation {100 * r['val_value']:.2f} %, "
                      f"{r['trainable_params']:,} trainable params, train {r['train_seconds']:.0f} s{extra}")
     return "\n".join(lines) + "\n"

@@ -184,7 +184,8 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 def arm_table(results: Sequence[Record]) -> str:
     """Per task and arm: test seeds, chosen lr (and whether it sits at the grid's edge), mean test score (with exact
-    match where runs have it) and final validation loss, and GoRA's initial step (relative size, held-out loss change, γ) averaged over seeds."""
+    match where runs have it) and final validation loss, and GoRA's initial step (relative size, held-out loss
+    change, γ) averaged over seeds."""
     lines = ["| task | arm | seeds | lr (grid) | test score, mean ± sd | val loss | ‖ΔW₀‖/‖W₀‖ | Δ held-out loss "
              "at init | γ |", "|---|---|---|---|---|---|---|---|---|"]
     for (task, arm), runs in sorted(_by(results, "task", "arm").items()):

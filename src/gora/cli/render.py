@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..plotting import rank_rows
+from ..plotting import rank_rows, rank_spread
 
 
 def rank_table(info: dict[str, Any]) -> str:
@@ -13,7 +13,7 @@ def rank_table(info: dict[str, Any]) -> str:
     optional)."""
     rows = rank_rows(info["ranks"], info.get("importance", {}), info.get("shapes", {}), info.get("skipped", {}))
     adapted = [r for r in info["ranks"].values() if r > 0]
-    spread = f"ranks {min(adapted)}..{max(adapted)} over {len(adapted)} layers" if adapted else "no adapted layer"
+    spread = rank_spread(adapted)
     if "budget" in info:
         actual = info.get("actual_params", 0)
         rows.append(f"budget {info['budget']:,} params (LoRA r={info.get('r')}), actual {actual:,} "
