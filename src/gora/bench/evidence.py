@@ -223,10 +223,14 @@ def _task_columns(tasks: Sequence[str]):
 
 
 def _log_axis(ax, xlabel: str) -> None:
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import NullFormatter, NullLocator
 
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on short log ranges
+    xs = sorted({float(x) for line in ax.get_lines() for x in line.get_xdata()})
+    if xs and xs[-1] < 10 * xs[0]:  # less than a decade has no labelled major tick: label the points drawn
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # a panel with no run of these arms has nothing to label
@@ -286,12 +290,15 @@ def plot_lr_sensitivity(selection: Sequence[Record], path: Path, arms: Sequence[
                 continue
             lrs, losses, metrics = zip(*points)
             axes[0][col].plot(lrs, losses, "o-", label=arm)
-            axes[1][col].plot(lrs, [100 * m for m in metrics], "o-", label=arm)
+            if not all(math.isnan(m) for m in metrics):  # a loss-only task (answer loss) has no accuracy
+                axes[1][col].plot(lrs, [100 * m for m in metrics], "o-", label=arm)
         axes[0][col].set_title(task)
         axes[0][col].set_ylabel("validation loss (mean of selection seeds)")
         axes[1][col].set_ylabel("validation accuracy, %")
         for ax in (axes[0][col], axes[1][col]):
             _log_axis(ax, "learning rate")
+        if not axes[1][col].get_lines():
+            axes[1][col].set_visible(False)
     _save(fig, path)
     return True
 
