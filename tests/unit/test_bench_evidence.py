@@ -122,3 +122,19 @@ def test_the_bench_command_writes_the_evidence_of_a_folder(tmp_path, capsys):
     assert main(["evidence", str(tmp_path), "--out-dir", str(tmp_path / "out")]) == 0
     assert "paired.md" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "paired.json").read_text())
+
+
+def test_plots_of_a_loss_only_task_drop_the_accuracy_panel_and_label_short_step_ranges(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(evidence, "_save", lambda fig, path: figures.append(fig))
+    curve = [{"step": 25, "val_loss": 1.2, "val_metric": None}, {"step": 32, "val_loss": 1.1, "val_metric": None}]
+    selection = [rec(arm, "g", s, 1.1, lr=lr, metric="answer_loss", val_loss=1.1 + lr, val_value=None, curve=curve)
+                 for arm in ("lora", "gora") for s in (100, 101) for lr in (2.5e-4, 5e-4)]
+    results = [rec(arm, "g", s, 1.1, lr=5e-4, metric="answer_loss", curve=curve) for arm in ("lora", "gora")
+               for s in range(3)]
+    assert evidence.plot_lr_sensitivity(selection, tmp_path / "lr.png")
+    loss_panel, accuracy_panel = figures[0].axes
+    assert loss_panel.get_lines() and not accuracy_panel.get_visible()
+    assert evidence.plot_convergence(results, selection, tmp_path / "conv.png")
+    labels = [t.get_text() for t in figures[1].axes[0].get_xticklabels()]
+    assert labels == ["25", "32"]  # less than a decade: the drawn steps are the ticks
