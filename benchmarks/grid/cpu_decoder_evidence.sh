@@ -18,6 +18,9 @@
 # lr per arm and task on mean final validation loss over selection seeds 100 and 101, from a 3-point factor-2 grid
 # (lora 2.5e-4..1e-3; rsLoRA and GoRA arms, alpha/sqrt(r) = 2.8x LoRA's scale, 1.25e-4..5e-4, so that 2.5e-4 and
 # 5e-4 are common lrs for the convergence picture) extended past an edge up to 2 times; then test seeds 0, 1, 2.
+# rotten_tomatoes_lm starts one factor of 2 higher (lora 5e-4..2e-3, the others 2.5e-4..1e-3), centred on the rates
+# gsm_symbolic chose after every arm's first choice sat at the top edge (lora 1e-3, the others 5e-4): the same
+# extension rule applies, and 5e-4 stays a common lr.
 # Per task: 5 arms x (6 selection + 3 test) = 45 runs before extensions, 90 in all.
 # Cost on two idle cores, one thread per worker, both workers busy (2026-12-06): a GoRA run on gsm_symbolic takes
 # 7.0 min (model load 15 s once per worker, estimation + init diagnostics 87 s, 32 steps 209 s, two validation
@@ -62,7 +65,9 @@ for task in ${TASKS:-gsm_symbolic rotten_tomatoes_lm}; do
   case $task in
     gsm_symbolic) run_task gsm_symbolic --batch-size 4 --max-train 1000 --max-val 24 --max-test 48 \
       --exact-match-size 12 --max-new-tokens 192 ;;
-    rotten_tomatoes_lm) run_task rotten_tomatoes_lm --batch-size 8 --max-train 1000 --max-val 100 --max-test 300 ;;
+    rotten_tomatoes_lm) run_task rotten_tomatoes_lm --batch-size 8 --max-train 1000 --max-val 100 --max-test 300 \
+      --lr lora=5e-4,1e-3,2e-3 --lr rslora=2.5e-4,5e-4,1e-3 --lr gora=2.5e-4,5e-4,1e-3 \
+      --lr gora_gamma0=2.5e-4,5e-4,1e-3 --lr gora_fixed_rank=2.5e-4,5e-4,1e-3 ;;
     *) echo "unknown decoder task $task: gsm_symbolic or rotten_tomatoes_lm" >&2; exit 2 ;;
   esac
 done
