@@ -42,7 +42,23 @@ def token_batches(lengths: Sequence[int], max_tokens: int = EVAL_TOKENS) -> list
     return batches
 
 
-@torch.no_grad()
+def scored_batches(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, device: torch.device,
+                   autocast: Callable[[], Any] | None = None, max_tokens: int = EVAL_TOKENS
+                   ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Per evaluation batch (:func:`token_batches`): (indices into ``examples``, labels, logits), right padded.
+
+    The forward passes run without gradients under ``autocast`` (when given), in eval mode; the model's mode is
+    restored when the iteration ends.
+    """
+    with eval_mode(model):
+        for chunk in token_batches([len(ex["input_ids"]) for ex in examples], max_tokens):
+            batch = collate_train([examples[i] for i in chunk], pad_id, device)
+            labels = batch.pop("labels")
+            with torch.no_grad(), autocast() if autocast is not None else nullcontext():
+                logits = model(**batch).logits
+            yield chunk, labels, logits
+
+
 def answer_nll(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, device: torch.device,
                autocast: Callable[[], Any] | None = None, max_tokens: int = EVAL_TOKENS) -> list[tuple[float, int]]:
     """Per example: (cross-entropy summed over its labelled tokens, their count), teacher-forced, in order.
@@ -50,18 +66,13 @@ def answer_nll(model: torch.nn.Module, examples: Sequence[Example], pad_id: int,
     Eval mode; the model's mode is restored.
     """
     out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
-    with eval_mode(model):
-        for chunk in token_batches([len(ex["input_ids"]) for ex in examples], max_tokens):
-            batch = collate_train([examples[i] for i in chunk], pad_id, device)
-            labels = batch.pop("labels")
-            with autocast() if autocast is not None else nullcontext():
-                logits = model(**batch).logits
-            targets = labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                                                    ignore_index=-100, reduction="none")
-            counts = (targets != -100).sum(1).tolist()
-            for i, total, count in zip(chunk, nll.sum(1).tolist(), counts):
-                out[i] = (total, count)
+    for chunk, labels, logits in scored_batches(model, examples, pad_id, device, autocast, max_tokens):
+        targets = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                                ignore_index=-100, reduction="none")
+        counts = (targets != -100).sum(1).tolist()
+        for i, total, count in zip(chunk, nll.sum(1).tolist(), counts):
+            out[i] = (total, count)
     return out
 
 
@@ -75,7 +86,6 @@ def answer_loss(model: torch.nn.Module, examples: Sequence[Example], pad_id: int
     return sum(total for total, _ in pairs) / count
 
 
-@torch.no_grad()
 def next_token_log_probs(model: torch.nn.Module, prompts: Sequence[list[int]], token_ids: Sequence[int],
                          pad_id: int, device: torch.device, autocast: Callable[[], Any] | None = None,
                          max_tokens: int = EVAL_TOKENS) -> torch.Tensor:
@@ -85,15 +95,11 @@ def next_token_log_probs(model: torch.nn.Module, prompts: Sequence[list[int]], t
     """
     out = torch.empty(len(prompts), len(token_ids), dtype=torch.float64)
     ids = torch.tensor(list(token_ids), device=device)
-    with eval_mode(model):
-        for chunk in token_batches([len(p) for p in prompts], max_tokens):
-            batch = collate_train([labelled(prompts[i], []) for i in chunk], pad_id, device)
-            batch.pop("labels")
-            with autocast() if autocast is not None else nullcontext():
-                logits = model(**batch).logits
-            last = torch.tensor([len(prompts[i]) - 1 for i in chunk], device=device)
-            logp = torch.log_softmax(logits[torch.arange(len(chunk), device=device), last].float(), -1)
-            out[chunk] = logp[:, ids].double().cpu()
+    examples = [labelled(p, []) for p in prompts]
+    for chunk, _, logits in scored_batches(model, examples, pad_id, device, autocast, max_tokens):
+        last = torch.tensor([len(prompts[i]) - 1 for i in chunk], device=device)
+        logp = torch.log_softmax(logits[torch.arange(len(chunk), device=device), last].float(), -1)
+        out[chunk] = logp[:, ids].double().cpu()
     return out
 
 
