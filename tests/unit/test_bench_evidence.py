@@ -44,6 +44,7 @@ def test_unlearned_and_saturated_tasks_leave_averages_but_are_reported():
     records = []
     for s in range(3):
         records += [rec("lora", "learned", s, 0.70 + 0.01 * s), rec("gora", "learned", s, 0.72 + 0.01 * s)]
+        records += [rec("lora", "learned2", s, 0.60), rec("gora", "learned2", s, 0.64)]
         records += [rec("lora", "unlearned", s, 0.33, majority=0.34), rec("gora", "unlearned", s, 0.30,
                                                                           majority=0.34)]
         records += [rec("lora", "saturated", s, 0.999), rec("gora", "saturated", s, 0.997)]
@@ -51,8 +52,15 @@ def test_unlearned_and_saturated_tasks_leave_averages_but_are_reported():
     assert set(excluded) == {"unlearned", "saturated"}
     entries = {e["task"]: e for e in evidence.paired_differences(records, ["lora"])}
     assert entries["unlearned"]["excluded_from_average"] and entries["saturated"]["excluded_from_average"]
-    assert entries["average"]["tasks"] == ["learned"]
-    assert entries["average"]["mean_diff"] == pytest.approx(0.02)
+    assert entries["average"]["tasks"] == ["learned", "learned2"]
+    assert entries["average"]["mean_diff"] == pytest.approx(0.03)
+
+
+def test_one_task_left_has_no_average_row_that_would_repeat_it():
+    records = [rec(arm, "t", s, 0.7 + 0.01 * s + (arm == "gora") * 0.02) for s in range(3) for arm in ("lora", "gora")]
+    records += [rec(arm, "unlearned", s, 0.3, majority=0.34) for s in range(3) for arm in ("lora", "gora")]
+    tasks = [e["task"] for e in evidence.paired_differences(records, ["lora"])]
+    assert sorted(tasks) == ["t", "unlearned"]
 
 
 def test_average_is_over_seeds_of_the_per_seed_mean_across_tasks():

@@ -108,7 +108,7 @@ def excluded_tasks(records: Sequence[Record]) -> dict[str, str]:
 
 
 def paired_differences(records: Sequence[Record], references: Sequence[str] = REFERENCES) -> list[dict]:
-    """One entry per arm x reference x task (and ``average``), as in the benchmark format's ``paired.json``."""
+    """One entry per arm x reference x task (and ``average`` over two or more tasks), as in ``paired.json``."""
     excluded = excluded_tasks(records)
     values = {(arm_of(r), r["task"], r["seed"]): r["value"] for r in records}
     metric = {r["task"]: r.get("metric", "accuracy") for r in records}
@@ -133,7 +133,7 @@ def paired_differences(records: Sequence[Record], references: Sequence[str] = RE
                                   excluded=task in excluded))
             averaged_tasks = sorted({t for d in per_seed.values() for t in d})
             complete = [s for s, d in per_seed.items() if averaged_tasks and set(d) == set(averaged_tasks)]
-            if complete and len({metric[t] for t in averaged_tasks}) == 1:
+            if complete and len(averaged_tasks) > 1 and len({metric[t] for t in averaged_tasks}) == 1:
                 diffs = [statistics.fmean(per_seed[s].values()) for s in sorted(complete)]
                 mean, low, high = mean_interval(diffs)
                 entry = _entry("average", arm, reference, metric[averaged_tasks[0]], len(diffs), mean, low, high)
