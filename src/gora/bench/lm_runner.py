@@ -52,7 +52,7 @@ class LMRunner:
                  load: Callable[[], tuple[torch.nn.Module, Any]] | None = None, model_name: str = MODEL_NAME,
                  target_modules: Sequence[str] = TARGET_MODULES) -> None:
         """``load``: returns (model, tokenizer) (default: SmolLM2); the model is copied per run, never changed.
-        ``selection_seeds``: runs with these seeds choose the lr and skip the test-only generation."""
+        ``selection_seeds``: runs with these seeds choose the lr and skip the test set (``value`` None)."""
         self.train_config, self.method_config, self.data_config = train_config, method_config, data_config
         self.lm_config, self.alpha_per_rank = lm_config, alpha_per_rank
         self.selection_seeds = set(selection_seeds)
@@ -131,8 +131,9 @@ class LMRunner:
                           autocast=ev.autocast, step_callback=built.step_callback,
                           checkpoints=checkpoint_steps(steps), evaluate=lambda: data.validate(trained, ev))
         start = time.perf_counter()
-        test = data.test_fields(trained, ev, generate=seed not in self.selection_seeds)
-        test_seconds = time.perf_counter() - start
+        selection = seed in self.selection_seeds  # chooses the lr on validation loss: never a result, no test pass
+        test = {"value": None} if selection else data.test_fields(trained, ev)
+        test_seconds = None if selection else time.perf_counter() - start
         curve = result["curve"]
         record = self.record(method, data, seed, cfg, built.info, result, device, full=(r is None))
         record.update(test, curve=curve, val_loss=curve[-1]["val_loss"], val_value=curve[-1]["val_metric"],

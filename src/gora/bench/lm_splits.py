@@ -70,10 +70,10 @@ class GsmTask:
         return {"val_loss": answer_loss(model, self.validation, ev.pad_id, ev.device, ev.autocast),
                 "val_metric": None}
 
-    def test_fields(self, model: torch.nn.Module, ev: Evaluation, generate: bool) -> Record:
+    def test_fields(self, model: torch.nn.Module, ev: Evaluation) -> Record:
         fields: Record = {"value": answer_loss(model, self.test, ev.pad_id, ev.device, ev.autocast),
                           "exact_match_size": 0}
-        if generate and self.exact_match_items:
+        if self.exact_match_items:
             start = time.perf_counter()
             outputs = generate_answers(model, ev.tokenizer, self.exact_match_items,
                                        max_new_tokens=ev.lm_config.max_new_tokens,
@@ -136,7 +136,7 @@ class LabelWordClassification:
         loss, accuracy, _ = self.scores(model, ev, self.val_prompts, self.val_labels)
         return {"val_loss": loss, "val_metric": accuracy}
 
-    def test_fields(self, model: torch.nn.Module, ev: Evaluation, generate: bool) -> Record:
+    def test_fields(self, model: torch.nn.Module, ev: Evaluation) -> Record:
         loss, accuracy, predicted = self.scores(model, ev, self.test_prompts, self.test_labels)
         share = max(predicted.count(c) for c in set(predicted)) / len(predicted)
         return {"value": accuracy, "answer_loss": loss, "test_top_class_share": share}
