@@ -146,3 +146,11 @@ def test_plots_of_a_loss_only_task_drop_the_accuracy_panel_and_label_short_step_
     assert evidence.plot_convergence(results, selection, tmp_path / "conv.png")
     labels = [t.get_text() for t in figures[1].axes[0].get_xticklabels()]
     assert labels == ["25", "32"]  # less than a decade: the drawn steps are the ticks
+
+
+def test_difference_axes_name_the_metric_unit():
+    accuracy = {"metric": "accuracy"}
+    loss = {"metric": "answer_loss"}
+    assert evidence.difference_units([accuracy, accuracy]) == "points"
+    assert evidence.difference_units([loss]) == "answer_loss, lower is better"
+    assert evidence.difference_units([loss, accuracy]) == "answer_loss, lower is better, points"

@@ -237,10 +237,17 @@ def _log_axis(ax, xlabel: str) -> None:
         ax.legend(fontsize=7)
 
 
+def difference_units(entries: Sequence[dict]) -> str:
+    """What a difference axis counts: points of accuracy, or the loss metric's own unit (lower is better)."""
+    return ", ".join(sorted({f"{e['metric']}, lower is better" if e["metric"] in LOWER_IS_BETTER else "points"
+                             for e in entries}))
+
+
 def plot_forest(entries: Sequence[dict], path: Path) -> None:
     """One panel per reference: each arm's paired difference per task with its interval; 0 marked."""
     references = [r for r in REFERENCES if any(e["reference"] == r for e in entries)]
     rows = sorted({(e["task"] == "average", e["task"], e["arm"]) for e in entries})
+    units = difference_units(entries)
     fig, axes = _pyplot().subplots(1, len(references), figsize=(6 * len(references), 0.28 * len(rows) + 1.5),
                                    sharey=True, squeeze=False)
     for ax, reference in zip(axes[0], references):
@@ -256,7 +263,7 @@ def plot_forest(entries: Sequence[dict], path: Path) -> None:
             ax.plot([scale * low, scale * high], [y, y], color=colour, lw=2)
             ax.plot(scale * e["mean_diff"], y, "o", color=colour, ms=4)
         ax.axvline(0, color="black", lw=0.8)
-        ax.set_title(f"paired difference vs {reference} (points, 95 % t interval)")
+        ax.set_title(f"paired difference vs {reference} ({units}; 95 % t interval)")
         ax.set_yticks(range(len(rows)), [f"{task}: {arm}" for _, task, arm in rows], fontsize=7)
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
