@@ -167,12 +167,12 @@ def _configs(steps=2):
                             MethodConfig(init_steps=2))
 
 
-def _runner(data_config, lm_config, selection_seeds=(100, 101)):
+def _runner(data_config, lm_config):
     from gora.bench.lm_runner import LMRunner
     from gora.bench.protocol2 import ArmRunner
 
     train, method = _configs()
-    lm = LMRunner(train, method, data_config, lm_config, 2.0, selection_seeds, load=_load, model_name="tiny llama",
+    lm = LMRunner(train, method, data_config, lm_config, 2.0, load=_load, model_name="tiny llama",
                   target_modules=LLAMA_TARGETS)
     return ArmRunner(train, method, data_config, lm_runner=lm)
 

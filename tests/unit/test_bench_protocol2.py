@@ -18,16 +18,18 @@ class StubRunner:
 
     def __init__(self, best=None, fail_on_call=None):
         self.calls: list[tuple] = []
+        self.tested: list[bool] = []
         self.best = best or {}
         self.fail_on_call = fail_on_call
 
-    def run(self, arm, task, seed, r, lr):
+    def run(self, arm, task, seed, r, lr, *, test=True):
         self.calls.append((arm, task, seed, r, lr))
+        self.tested.append(test)
         if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
             raise KeyboardInterrupt  # a killed run
         loss = math.log(lr / self.best.get(arm, 4e-4)) ** 2 + seed / 1000
         return {"method": arm, "arm": arm, "task": task, "seed": seed, "r": r, "lr": lr, "metric": "accuracy",
-                "value": 0.5 + seed / 100, "val_loss": loss, "val_value": 0.5, "curve": []}
+                "value": 0.5 + seed / 100 if test else None, "val_loss": loss, "val_value": 0.5, "curve": []}
 
 
 def _grid(tmp_path, runner, arms=("lora", "rslora"), seeds=(0, 1), **kw):
@@ -50,6 +52,9 @@ def test_lr_is_chosen_on_mean_validation_loss_over_selection_seeds_and_never_reu
     assert record["lr_extensions"] == 0 and record["selection_seeds"] == [100, 101]
     assert len(load_records(tmp_path / "lr_search.json")) == 8
     assert all(r["seed"] in (100, 101) for r in load_records(tmp_path / "lr_search.json"))
+    # selection runs never touch the test set; test runs do
+    assert [t for c, t in zip(runner.calls, runner.tested) if c[2] in (100, 101)] == [False] * 8
+    assert [t for c, t in zip(runner.calls, runner.tested) if c[2] in (0, 1)] == [True, True]
 
 
 def test_a_choice_at_the_grid_edge_extends_the_grid_until_it_is_inside(tmp_path):

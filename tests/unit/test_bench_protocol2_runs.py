@@ -144,3 +144,7 @@ def test_arms_run_end_to_end_with_curves_head_lr_and_init_diagnostics(tmp_path, 
     lr_runs = load_records(tmp_path / "grid" / "lr_search.json")
     assert sorted((r["seed"], r["lr"]) for r in lr_runs) == [(100, 1e-3), (100, 2e-3), (101, 1e-3), (101, 2e-3)]
     assert by_arm["lora"]["selected_by"].startswith("val_loss mean over seeds 100,101; grid 0.001..0.002")
+    # selection runs are validated, never tested; the test runs are
+    assert all(r["value"] is None and r["test_top_class_share"] is None and 0 <= r["val_value"] <= 1
+               for r in lr_runs)
+    assert all(0 <= r["value"] <= 1 for r in records)

@@ -48,14 +48,12 @@ class LMRunner:
     run trains a deep copy of the pristine model."""
 
     def __init__(self, train_config: TrainConfig, method_config: MethodConfig, data_config, lm_config: LMConfig,
-                 alpha_per_rank: float = 2.0, selection_seeds: Sequence[int] = (),
+                 alpha_per_rank: float = 2.0,
                  load: Callable[[], tuple[torch.nn.Module, Any]] | None = None, model_name: str = MODEL_NAME,
                  target_modules: Sequence[str] = TARGET_MODULES) -> None:
-        """``load``: returns (model, tokenizer) (default: SmolLM2); the model is copied per run, never changed.
-        ``selection_seeds``: runs with these seeds choose the lr and skip the test set (``value`` None)."""
+        """``load``: returns (model, tokenizer) (default: SmolLM2); the model is copied per run, never changed."""
         self.train_config, self.method_config, self.data_config = train_config, method_config, data_config
         self.lm_config, self.alpha_per_rank = lm_config, alpha_per_rank
-        self.selection_seeds = set(selection_seeds)
         self._load, self.model_name, self.target_modules = load, model_name, tuple(target_modules)
         self._pristine: torch.nn.Module | None = None
         self._tokenizer: Any = None
@@ -103,8 +101,10 @@ class LMRunner:
                                   "answer through the pretrained LM head): drop the head-warm-up arms.")
         return cfg
 
-    def run(self, method: str, task: str, seed: int, r: int | None, lr: float, **overrides: Any) -> Record:
-        """One run; ``overrides`` are ``MethodConfig`` fields changed for this run (protocol-2 arms)."""
+    def run(self, method: str, task: str, seed: int, r: int | None, lr: float, *, test: bool = True,
+            **overrides: Any) -> Record:
+        """One run; ``overrides`` are ``MethodConfig`` fields changed for this run (protocol-2 arms); ``test=False``
+        leaves the test set alone (``value`` None: a protocol-2 selection run)."""
         steps = self.train_config.steps
         if not steps:
             raise GoraConfigError("Causal-LM tasks train a fixed number of steps (protocol 2, --steps).")
@@ -131,12 +131,11 @@ class LMRunner:
                           autocast=ev.autocast, step_callback=built.step_callback,
                           checkpoints=checkpoint_steps(steps), evaluate=lambda: data.validate(trained, ev))
         start = time.perf_counter()
-        selection = seed in self.selection_seeds  # chooses the lr on validation loss: never a result, no test pass
-        test = {"value": None} if selection else data.test_fields(trained, ev)
-        test_seconds = None if selection else time.perf_counter() - start
+        fields = data.test_fields(trained, ev) if test else {"value": None}
+        test_seconds = time.perf_counter() - start if test else None
         curve = result["curve"]
         record = self.record(method, data, seed, cfg, built.info, result, device, full=(r is None))
-        record.update(test, curve=curve, val_loss=curve[-1]["val_loss"], val_value=curve[-1]["val_metric"],
+        record.update(fields, curve=curve, val_loss=curve[-1]["val_loss"], val_value=curve[-1]["val_metric"],
                       test_eval_seconds=test_seconds)
         del model, built, batches
         gc.collect()

@@ -120,9 +120,10 @@ LR_GRID: dict[str, tuple[float, ...]] = {
 
 
 class ArmRunnerProtocol(Protocol):
-    """Runs one (arm, task, seed, r, lr); the record holds at least ``val_loss``. May have ``check(tasks)``."""
+    """Runs one (arm, task, seed, r, lr); the record holds at least ``val_loss``. May have ``check(tasks)``.
+    ``test=False`` (selection runs) leaves the test set alone: ``value`` is None."""
 
-    def run(self, arm: str, task: str, seed: int, r: int | None, lr: float) -> Record: ...
+    def run(self, arm: str, task: str, seed: int, r: int | None, lr: float, *, test: bool = True) -> Record: ...
 
 
 def lr_candidates(arm: str, lr_grid: Mapping[str, Sequence[float]] | None = None) -> tuple[float, ...]:
@@ -148,10 +149,10 @@ class ArmRunner(CellRunner):
 
     def __init__(self, train_config: TrainConfig, method_config: MethodConfig, data_config: DataConfig,
                  model_path: str | None = None, alpha_per_rank: float = 2.0, *, lm_config: LMConfig | None = None,
-                 selection_seeds: Sequence[int] = (), lm_runner: LMRunner | None = None) -> None:
+                 lm_runner: LMRunner | None = None) -> None:
         super().__init__(train_config, method_config, data_config, model_path, alpha_per_rank)
         self.lm_runner = lm_runner or LMRunner(train_config, method_config, data_config, lm_config or LMConfig(),
-                                               alpha_per_rank, selection_seeds)
+                                               alpha_per_rank)
 
     def check(self, tasks: Sequence[str]) -> None:
         lm = [t for t in tasks if is_lm_task(t) and t not in self.data_config.user_tasks]
@@ -161,11 +162,12 @@ class ArmRunner(CellRunner):
         if lm:
             self.lm_runner.check(lm)
 
-    def run(self, arm: str, task: str, seed: int, r: int | None, lr: float) -> Record:  # type: ignore[override]
+    def run(self, arm: str, task: str, seed: int, r: int | None, lr: float, *,  # type: ignore[override]
+            test: bool = True) -> Record:
         spec = ARMS[arm]
         lm = is_lm_task(task) and task not in self.data_config.user_tasks
         runner = self.lm_runner.run if lm else super().run
-        record = runner(spec.method, task, seed, r, lr, **spec.method_overrides(r))
+        record = runner(spec.method, task, seed, r, lr, test=test, **spec.method_overrides(r))
         for name in ("init_relative_delta", "init_loss_w0", "init_loss_after"):
             record.setdefault(name, None)
         record.update(protocol=PROTOCOL, arm=arm, head_lr=None if lm else self.method_config.head_lr)
@@ -265,7 +267,7 @@ class ArmGrid:
         key = (arm, task, seed, r, lr)
         if key not in self.lr_runs:
             self._status(f"lr search {arm} {task} s{seed} lr={lr:g}")
-            record = {**self.runner.run(arm, task, seed, r, lr), "role": "selection"}
+            record = {**self.runner.run(arm, task, seed, r, lr, test=False), "role": "selection"}
             self._append(self.lr_path, record)
             self.lr_runs[key] = record
         return self.lr_runs[key]
@@ -405,7 +407,7 @@ def run_arm_grid(
         settings.update(lm_config.settings())
     check_settings(out, settings, write=False)
     runner = runner or ArmRunner(train_config, method_config, data_config, model_path, alpha_per_rank,
-                                 lm_config=lm_config, selection_seeds=selection_seeds)
+                                 lm_config=lm_config)
     check = getattr(runner, "check", None)
     if callable(check):
         check(tasks)

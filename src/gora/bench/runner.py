@@ -176,8 +176,10 @@ class CellRunner:
         return replace(self.method_config, r=rank, lora_alpha=self.alpha_per_rank * rank, lr=lr,
                        total_steps=steps, seed=seed)
 
-    def run(self, method: str, task: str, seed: int, r: int | None, lr: float, **overrides) -> Record:
-        """One run; ``overrides`` are ``MethodConfig`` fields changed for this run (protocol-2 arms)."""
+    def run(self, method: str, task: str, seed: int, r: int | None, lr: float, *, test: bool = True,
+            **overrides) -> Record:
+        """One run; ``overrides`` are ``MethodConfig`` fields changed for this run (protocol-2 arms); ``test=False``
+        leaves the test set alone (``value`` None: a protocol-2 selection run)."""
         data, splits = self.task(task)
         cfg = self.method_config_for(r, lr, total_steps(len(splits[0]), self.train_config), seed)
         cfg = replace(cfg, **overrides) if overrides else cfg
@@ -189,7 +191,7 @@ class CellRunner:
         model = load_classifier(self.model_path, data.num_labels).to(device)
         built = build_method(method, model, cfg, batches)
         desc = f"{method} {task} s{seed} lr{lr:g}"
-        result = train_and_evaluate(built, splits, self.tokenizer, self.train_config, seed, desc)
+        result = train_and_evaluate(built, splits, self.tokenizer, self.train_config, seed, desc, test)
         record = self.record(method, data, seed, cfg, built.info, result, device, full=(r is None))
         del model, built, batches
         gc.collect()

@@ -68,13 +68,14 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     val_accuracy: float
-    test_accuracy: float
+    test_accuracy: float | None
+    """None when the run skipped the test set (a protocol-2 selection run)."""
     train_seconds: float
     steps: int
     final_loss: float
     """Mean training loss over the last tenth of the steps."""
     peak_memory_bytes: int
-    test_top_class_share: float
+    test_top_class_share: float | None
     """Share of test predictions in the most predicted class; 1.0 = collapsed to one class (not learned yet)."""
     curve: list[dict] | None = None
     """``[{"step", "train_loss", "val_loss", "val_metric"}, ...]`` when ``TrainConfig.curve`` is set."""
@@ -289,13 +290,15 @@ def train_and_evaluate(
     cfg: TrainConfig,
     seed: int,
     desc: str = "train",
+    test: bool = True,
 ) -> TrainResult:
-    """Train on ``splits[0]`` and report accuracy on ``splits[1]`` (validation) and ``splits[2]`` (test)."""
+    """Train on ``splits[0]`` and report accuracy on ``splits[1]`` (validation) and ``splits[2]`` (test; with
+    ``test=False`` the test set is not touched and its fields are None)."""
     train_split, val_split, test_split = splits
     device = resolve_device(cfg.device)
     stats = train(built, train_split, tokenizer, cfg, seed, desc, val_data=val_split)
-    predicted, labels = predict(built.model, test_split, tokenizer, cfg)
-    share = top_class_share(predicted)
+    predicted, labels = predict(built.model, test_split, tokenizer, cfg) if test else ([], [])
+    share = top_class_share(predicted) if test else None
     if share == 1.0:
         logger.warning("%s: every test prediction is class %d after %d steps (loss %.3f): the run has not learned "
                        "beyond the majority class; train longer (more steps, examples or epochs) or raise the lr.",
@@ -305,7 +308,7 @@ def train_and_evaluate(
         stats["val_loss"] = curve[-1]["val_loss"]
     return TrainResult(
         val_accuracy=curve[-1]["val_metric"] if curve else accuracy(built.model, val_split, tokenizer, cfg),
-        test_accuracy=sum(p == y for p, y in zip(predicted, labels)) / len(labels),
+        test_accuracy=sum(p == y for p, y in zip(predicted, labels)) / len(labels) if test else None,
         peak_memory_bytes=peak_memory_bytes(device),
         test_top_class_share=share,
         **stats,
