@@ -150,7 +150,7 @@ def test_two_step_grid_run_on_smollm2_writes_v2_records_and_resumes(tmp_path, to
     train, method = protocol_configs(TrainConfig(steps=2, batch_size=2, progress=False), MethodConfig(init_steps=1))
     data = DataConfig(max_train=8, max_val=2, max_test=2)
     lm_config = LMConfig(max_length=200, exact_match_size=2, max_new_tokens=8)
-    lm = LMRunner(train, method, data, lm_config, 2.0, (100, 101), load=lambda: (model, tokenizer))
+    lm = LMRunner(train, method, data, lm_config, 2.0, load=lambda: (model, tokenizer))
     args = dict(out_dir=tmp_path, lr_grid={"lora": (1e-3,), "gora": (5e-4,)}, train_config=train,
                 method_config=method, data_config=data, lm_config=lm_config)
     records = run_arm_grid(["lora", "gora"], ["gsm_symbolic"], [0],
