@@ -21,6 +21,7 @@ from gora.bench.lm_format import encode_example, fitted_prompt, labelled, text_i
 from gora.bench.lm_scoring import answer_loss, label_log_likelihoods
 from gora.bench.lm_tasks import LABEL_WORD_TASKS, LMConfig
 from gora.bench.records import Record
+from gora.bench.train import top_class_share
 from gora.errors import GoraConfigError, GoraDataError
 
 
@@ -138,8 +139,7 @@ class LabelWordClassification:
 
     def test_fields(self, model: torch.nn.Module, ev: Evaluation) -> Record:
         loss, accuracy, predicted = self.scores(model, ev, self.test_prompts, self.test_labels)
-        share = max(predicted.count(c) for c in set(predicted)) / len(predicted)
-        return {"value": accuracy, "answer_loss": loss, "test_top_class_share": share}
+        return {"value": accuracy, "answer_loss": loss, "test_top_class_share": top_class_share(predicted)}
 
 
 LMTask = GsmTask | LabelWordClassification
