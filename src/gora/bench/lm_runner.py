@@ -130,9 +130,12 @@ class LMRunner:
                           max_grad_norm=tc.max_grad_norm, progress=tc.progress, desc=f"{method} {task} s{seed}",
                           autocast=ev.autocast, step_callback=built.step_callback,
                           checkpoints=checkpoint_steps(steps), evaluate=lambda: data.validate(trained, ev))
-        start = time.perf_counter()
-        fields = data.test_fields(trained, ev) if test else {"value": None}
-        test_seconds = time.perf_counter() - start if test else None
+        fields: Record = {"value": None}
+        test_seconds = None
+        if test:
+            start = time.perf_counter()
+            fields = data.test_fields(trained, ev)
+            test_seconds = time.perf_counter() - start
         curve = result["curve"]
         record = self.record(method, data, seed, cfg, built.info, result, device, full=(r is None))
         record.update(fields, curve=curve, val_loss=curve[-1]["val_loss"], val_value=curve[-1]["val_metric"],
