@@ -69,7 +69,10 @@ def main() -> None:
     identical = all(c == everyone[0] for c in everyone)
     logger.info("adapters identical on all %d processes after apply_gora and after training: %s",
                 accelerator.num_processes, identical)
-    del prepared, optimizer
+    # drop every reference to the DDP wrapper (the Accelerator keeps one too) before end_training() destroys the
+    # process group: a wrapper that outlives its group tears down gloo's threads at interpreter exit, where that can
+    # abort the process ("terminate called without an active exception") after all the work is done
+    prepared, optimizer = accelerator.free_memory(prepared, optimizer)
     # leave together; not accelerator.wait_for_everyone(): on CPU processes it passes device_ids to the barrier,
     # which fails where fewer GPUs than processes are visible
     torch.distributed.barrier()
