@@ -109,6 +109,18 @@ def test_gora_variants_are_also_paired_against_plain_gora_and_other_arms_are_not
     assert ("gora", "lora") in pairs and ("gora_gamma0", "rslora") in pairs
 
 
+def test_gora_with_loraplus_is_also_paired_against_rslora_with_loraplus_and_only_it():
+    arms = ("lora", "rslora", "rslora_loraplus", "gora", "gora_loraplus", "gora_gamma0")
+    records = [rec(arm, "t", s, 0.7 + 0.01 * s + (0.02 if arm == "gora_loraplus" else 0)) for arm in arms
+               for s in range(3)]
+    entries = [e for e in evidence.paired_differences(records) if e["task"] == "t"]
+    against = {e["arm"] for e in entries if e["reference"] == "rslora_loraplus"}
+    assert against == {"gora_loraplus"}
+    (entry,) = [e for e in entries if e["reference"] == "rslora_loraplus"]
+    assert entry["mean_diff"] == pytest.approx(0.02)
+    assert ("rslora_loraplus", "rslora") in {(e["arm"], e["reference"]) for e in entries}
+
+
 def test_arm_table_reports_the_chosen_lr_scores_and_the_initial_step():
     runs = [rec("gora", "t", s, v, lr=5e-4, lr_grid=[2.5e-4, 5e-4, 1e-3], lr_at_edge=False, val_loss=0.5,
                 init_relative_delta=6e-5, init_loss_w0=0.70, init_loss_after=0.69, gamma=0.05)

@@ -5,7 +5,8 @@ Everything here is computed from the committed records alone (``results.json`` a
 
     python -m gora.bench.evidence benchmarks/results/cpu/evidence
 
-Statistics. For an arm X, a reference R (``rslora``, ``lora``; ``gora`` for GoRA's variants) and a task, the
+Statistics. For an arm X, a reference R (``rslora``, ``lora``; ``gora`` for GoRA's variants; ``rslora_loraplus``
+for GoRA + LoRA+, the baseline it modifies) and a task, the
 paired difference of one seed is
 ``value(X, seed) - value(R, seed)``: both runs share the seed, hence the data order, the head's initialisation and
 the estimation batches. The mean over seeds gets a two-sided 95 % Student-t interval (``n - 1`` degrees of
@@ -30,8 +31,13 @@ from pathlib import Path
 from gora.bench.records import Record, load_records
 from gora.bench.report import _pyplot
 
-REFERENCES = ("rslora", "lora", "gora")
-"""Each arm is paired against these; against ``gora`` only GoRA's own variants (``gora_*``): one ingredient each."""
+REFERENCES = ("rslora", "lora", "gora", "rslora_loraplus")
+"""Each arm is paired against these, but a reference in ``PAIRED_ONLY`` only with the arms named there."""
+PAIRED_ONLY = {"gora": lambda arm: arm.startswith("gora_"), "rslora_loraplus": lambda arm: arm == "gora_loraplus"}
+"""Against ``gora`` only GoRA's own variants (one ingredient each); against rsLoRA + LoRA+ only GoRA + LoRA+ (GoRA's
+ingredients on the same optimiser and scaling)."""
+FOREST_REFERENCES = ("rslora", "lora", "gora")
+"""The forest plot's panels (a panel per reference; the one-arm comparisons stay in the tables)."""
 SATURATION_MARGIN = 0.005
 """Every arm within this of a perfect score: the task is saturated and leaves averages."""
 LOWER_IS_BETTER = ("answer_loss", "loss", "val_loss")
@@ -117,7 +123,7 @@ def paired_differences(records: Sequence[Record], references: Sequence[str] = RE
     out = []
     for reference in references:
         for arm in arms:
-            if arm == reference or (reference == "gora" and not arm.startswith("gora_")):
+            if arm == reference or not PAIRED_ONLY.get(reference, lambda _: True)(arm):
                 continue
             per_seed: dict[int, dict[str, float]] = defaultdict(dict)
             for task in tasks:
@@ -245,8 +251,8 @@ def difference_units(entries: Sequence[dict]) -> str:
 
 def plot_forest(entries: Sequence[dict], path: Path) -> None:
     """One panel per reference: each arm's paired difference per task with its interval; 0 marked."""
-    references = [r for r in REFERENCES if any(e["reference"] == r for e in entries)]
-    rows = sorted({(e["task"] == "average", e["task"], e["arm"]) for e in entries})
+    references = [r for r in FOREST_REFERENCES if any(e["reference"] == r for e in entries)]
+    rows = sorted({(e["task"] == "average", e["task"], e["arm"]) for e in entries if e["reference"] in references})
     units = difference_units(entries)
     fig, axes = _pyplot().subplots(1, len(references), figsize=(6 * len(references), 0.28 * len(rows) + 1.5),
                                    sharey=True, squeeze=False)
