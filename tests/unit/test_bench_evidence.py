@@ -166,3 +166,17 @@ def test_difference_axes_name_the_metric_unit():
     assert evidence.difference_units([accuracy, accuracy]) == "points"
     assert evidence.difference_units([loss]) == "answer_loss, lower is better"
     assert evidence.difference_units([loss, accuracy]) == "answer_loss, lower is better, points"
+
+
+def test_the_lr_and_convergence_pictures_draw_a_column_for_every_task_up_to_the_cap(tmp_path, monkeypatch):
+    curve = [{"step": 25, "train_loss": 0.7, "val_loss": 0.69, "val_metric": 0.5}]
+    tasks = [f"task{i}" for i in range(evidence.PLOT_TASKS + 1)]
+    results = [rec(arm, t, 0, 0.7, curve=curve) for arm in ("lora", "gora") for t in tasks]
+    selection = [rec(arm, t, 100, 0.0, val_loss=0.6, val_value=0.7, curve=curve) for arm in ("lora", "gora")
+                 for t in tasks]
+    drawn = []
+    columns = evidence._task_columns
+    monkeypatch.setattr(evidence, "_task_columns", lambda ts: drawn.append(list(ts)) or columns(ts))
+    assert evidence.plot_lr_sensitivity(selection, tmp_path / "lr.png")
+    assert evidence.plot_convergence(results, selection, tmp_path / "conv.png")
+    assert drawn == [tasks[:evidence.PLOT_TASKS]] * 2  # four tasks drawn; the fifth (by name) left to the tables

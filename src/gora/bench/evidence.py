@@ -41,6 +41,8 @@ FOREST_REFERENCES = ("rslora", "lora", "gora")
 SATURATION_MARGIN = 0.005
 """Every arm within this of a perfect score: the task is saturated and leaves averages."""
 LOWER_IS_BETTER = ("answer_loss", "loss", "val_loss")
+PLOT_TASKS = 4
+"""The lr-sensitivity and convergence pictures draw a column for each of the first this many tasks (by name)."""
 
 # Two-sided 95 % quantiles of Student's t, t_{0.975, df}, df = 1..30 (standard table values).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -292,7 +294,7 @@ def plot_lr_sensitivity(selection: Sequence[Record], path: Path, arms: Sequence[
                         tasks: Sequence[str] | None = None) -> bool:
     """Validation loss and metric against lr (log axis), one column per task; False when there is nothing to draw."""
     table = lr_table(selection)
-    tasks = list(tasks or sorted({t for t, a in table if a in arms}))[:2]
+    tasks = list(tasks or sorted({t for t, a in table if a in arms}))[:PLOT_TASKS]
     if not tasks:
         return False
     fig, axes = _task_columns(tasks)
@@ -337,7 +339,7 @@ def plot_convergence(results: Sequence[Record], selection: Sequence[Record], pat
                      arms: Sequence[str] = ("lora", "rslora", "gora"), tasks: Sequence[str] | None = None) -> bool:
     """Validation loss against steps: each arm at its chosen lr (test seeds) and all at one common lr (selection
     seeds); one column per task. False when no run has a curve."""
-    tasks = list(tasks or sorted({r["task"] for r in results if r.get("curve")}))[:2]
+    tasks = list(tasks or sorted({r["task"] for r in results if r.get("curve")}))[:PLOT_TASKS]
     if not tasks:
         return False
     fig, axes = _task_columns(tasks)
