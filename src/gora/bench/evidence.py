@@ -125,7 +125,7 @@ def paired_differences(records: Sequence[Record], references: Sequence[str] = RE
     out = []
     for reference in references:
         for arm in arms:
-            if arm == reference or not PAIRED_ONLY.get(reference, lambda _: True)(arm):
+            if arm == reference or (reference in PAIRED_ONLY and not PAIRED_ONLY[reference](arm)):
                 continue
             per_seed: dict[int, dict[str, float]] = defaultdict(dict)
             for task in tasks:
